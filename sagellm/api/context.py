@@ -1,0 +1,43 @@
+"""What the API layer needs from the model and engine, as plain callables (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from sagellm.engine.sampling_params import SamplingParams
+from sagellm.settings import Settings
+
+
+class Handle(Protocol):
+    request_id: str
+    prompt_len: int
+    seed: int | None
+
+    def iter_events(self, idle_s: float | None = None): ...
+    def abort(self) -> None: ...
+
+
+@dataclass
+class ServingContext:
+    settings: Settings
+    model_id: str
+    served_name: str
+    device: str
+    dtype: str
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int
+    # text -> ids; add_special_tokens as the native API does (BOS etc.)
+    tokenize: Callable[[str, bool], list[int]]
+    # text -> [(id, char_start, char_end)] with the tokenizer's own special tokens
+    tokenize_offsets: Callable[[str], list[tuple[int, int, int]]]
+    decode: Callable[[list[int]], str]  # skips special tokens
+    token_text: Callable[[int], str]  # one token's literal text, special tokens kept
+    render_chat: Callable[..., str]  # messages, tools=, add_generation_prompt=, continue_final_message=, kwargs=
+    encode_chat: Callable[[str], list[int]]  # rendered prompt -> ids with exactly one BOS
+    submit: Callable[[list[int], SamplingParams], Handle]
+    special_ids: frozenset[int] = frozenset()
+    extra: dict[str, Any] | None = None

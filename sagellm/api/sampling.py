@@ -1,0 +1,82 @@
+"""Request fields -> SamplingParams, with the checks and messages shared by every route."""
+
+from __future__ import annotations
+
+import time
+
+from sagellm.api.context import ServingContext
+from sagellm.engine.sampling_params import SamplingParams
+from sagellm.errors import ValidationError
+
+
+def invalid(message: str, param: str | None = None) -> ValidationError:
+    return ValidationError(f"Input validation error: {message}", param=param)
+
+
+def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, repetition_penalty,
+                 frequency_penalty, presence_penalty, stop: list[str], seed, max_new_name: str,
+                 max_new_tokens) -> None:
+    s = ctx.settings
+    if temperature is not None and temperature < 0:
+        raise invalid("`temperature` must be >= 0", "temperature")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise invalid("`repetition_penalty` must be strictly positive", "repetition_penalty")
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise invalid(f"`{name}` must be >= -2.0 and <= 2.0. Given: {value}", name)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise invalid(f"`top_p` must be > 0.0 and <= 1.0. Given: {top_p}", "top_p")
+    if typical_p is not None and not 0.0 < typical_p <= 1.0:
+        raise invalid(f"`typical_p` must be > 0.0 and <= 1.0. Given: {typical_p}", "typical_p")
+    if top_k is not None and top_k < -1:
+        raise invalid(f"`top_k` must be positive (0 or -1 turn it off). Given: {top_k}", "top_k")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise invalid(f"`{max_new_name}` must be strictly positive. Given: {max_new_tokens}", max_new_name)
+    if len(stop) > s.max_stop_sequences:
+        raise invalid(f"`stop` supports up to {s.max_stop_sequences} stop sequences. Given: {len(stop)}"
+                      " (raise MAX_STOP_SEQUENCES to allow more)", "stop")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise invalid(f"`seed` must be >= 0 and < 2**64. Given: {seed}", "seed")
+
+
+def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None, *,
+                    inputs_name: str, max_new_name: str) -> int:
+    """Checks the prompt against the limits; the default is the rest of the context."""
+    lim_in, lim_total = ctx.max_input_tokens, ctx.max_total_tokens
+    if prompt_len > lim_in:
+        raise invalid(f"`{inputs_name}` must have less than {lim_in + 1} tokens. Given: {prompt_len}"
+                      f" (MAX_INPUT_TOKENS={lim_in})", inputs_name)
+    if requested is None:
+        room = lim_total - prompt_len
+        cap = ctx.settings.default_max_tokens
+        return max(1, min(room, cap) if cap else room)
+    if prompt_len + requested > lim_total:
+        raise invalid(f"`{inputs_name}` tokens + `{max_new_name}` must be <= {lim_total}. Given: "
+                      f"{prompt_len} `{inputs_name}` tokens and {requested} `{max_new_name}`"
+                      f" (MAX_TOTAL_TOKENS={lim_total})", max_new_name)
+    return requested
+
+
+def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, temperature, top_k,
+                 top_p, typical_p=None, repetition_penalty=None, frequency_penalty=None,
+                 presence_penalty=None, stop=(), seed=None, logit_bias=(), min_new_tokens=None,
+                 ignore_eos=None, top_n_tokens=0) -> SamplingParams:
+    timeout = ctx.settings.request_timeout_s
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if temperature not in (None, 0) else 1.0,
+        top_k=top_k if top_k and top_k > 0 else 0,
+        top_p=top_p if top_p is not None else 1.0,
+        typical_p=typical_p if typical_p is not None else 1.0,
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else 1.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        logit_bias=tuple(logit_bias),
+        seed=seed,
+        stop=tuple(stop),
+        ignore_eos=bool(ignore_eos),
+        min_new_tokens=min(min_new_tokens or 0, max_new_tokens),
+        top_n_tokens=top_n_tokens or 0,
+        deadline=time.monotonic() + timeout if timeout else None,
+    )

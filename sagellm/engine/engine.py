@@ -1,0 +1,233 @@
+"""The engine loop: one background thread runs batched steps; callers submit requests from any
+thread and read their token events from a per-request queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.kv_cache import PagedKVCache
+from sagellm.engine.runner import ModelRunner
+from sagellm.engine.sampler import sample
+from sagellm.engine.sampling_params import SamplingParams
+from sagellm.engine.scheduler import Scheduler
+from sagellm.engine.events import FinishReason, TokenEvent, TopToken
+from sagellm.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int
+    max_prefill_tokens: int  # tokens prefilled per step (longer prompts go in chunks)
+    max_total_tokens: int  # prompt + generated, per request
+    num_kv_blocks: int
+    block_size: int = 16
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class RequestHandle:
+    """What a caller holds for one submitted request: iterate it for TokenEvents."""
+
+    def __init__(self, engine: "LLMEngine", seq: Sequence):
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request_id
+        self.prompt_len = len(seq.prompt_ids)
+        self.seed = seq.params.seed if seq.params.do_sample else None
+
+    def __iter__(self):
+        return (e for e in self.iter_events() if e is not None)
+
+    def iter_events(self, idle_s: float | None = None):
+        """TokenEvents until the request ends; with `idle_s`, None whenever nothing came for
+        that long (a stream uses it to send keep-alives)."""
+        waited = 0.0
+        while True:
+            try:
+                event = self._seq.events.get(timeout=0.5)
+            except queue.Empty:
+                if not self._engine.is_alive():
+                    raise EngineDead("the engine stopped while this request was running")
+                waited += 0.5
+                if idle_s is not None and waited >= idle_s:
+                    waited = 0.0
+                    yield None
+                continue
+            waited = 0.0
+            if event is None:
+                return
+            yield event
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
+                 device: str = "cpu", dtype: torch.dtype | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        self.cache = PagedKVCache(mc.num_hidden_layers, config.num_kv_blocks, config.block_size,
+                                  num_kv_heads, head_dim, dtype or model.dtype, device)
+        self.runner = ModelRunner(model, self.cache, device)
+        self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._by_id: dict[str, Sequence] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fatal_error: BaseException | None = None
+        self.last_progress = time.monotonic()
+        self.num_steps = 0
+
+    # ---- caller side (any thread) ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sagellm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.fatal_error is None
+
+    def num_pending(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestHandle:
+        if not self.is_alive():
+            raise EngineDead("the engine is not running")
+        if params.do_sample and params.seed is None:
+            params = dataclasses.replace(params, seed=random.getrandbits(63))
+        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params,
+                       IncrementalDetokenizer(self.tokenizer, prompt_ids), self.special_ids)
+        handle = RequestHandle(self, seq)
+        self._inbox.append(seq)
+        self._wake.set()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    # ---- engine thread ----
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self.last_progress = time.monotonic()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as exc:  # the loop itself broke: fail everything, report unhealthy
+            log.exception("engine loop died")
+            self.fatal_error = exc
+            for seq in list(self._by_id.values()) + list(self._inbox):
+                self._fail(seq, f"engine failure: {exc}")
+        finally:
+            for seq in list(self._by_id.values()) + list(self._inbox):
+                self._fail(seq, "the server is shutting down")
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            seq = self._inbox.popleft()
+            self._by_id[seq.request_id] = seq
+            self.scheduler.add(seq)
+        while self._aborts:
+            seq = self._by_id.get(self._aborts.popleft())
+            if seq is not None and not seq.is_finished:
+                self._finish(seq, FinishReason.ABORTED)
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            # Nothing fits right now (all blocks taken by prefills in flight); try again shortly.
+            self._wake.wait(0.01)
+            self._wake.clear()
+            return
+        sampling = batch.sampling
+        try:
+            with torch.inference_mode():
+                logits = self.runner.run(batch)
+                samples = sample(logits, sampling, self.eos_token_ids)
+        except Exception as exc:  # one bad step fails its requests, not the server
+            log.exception("engine step failed")
+            for seq in batch.decodes + [s for s, _ in batch.prefills]:
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
+            return
+        for seq, s in zip(sampling, samples):
+            self._append_token(seq, s)
+        self.num_steps += 1
+        self.last_progress = time.monotonic()
+
+    def _append_token(self, seq: Sequence, s) -> None:
+        p = seq.params
+        seq.output_ids.append(s.token_id)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        text = seq.detokenizer.step(s.token_id)
+        special = s.token_id in self.special_ids
+        delta, stop_str = ("", None) if special else seq.stop_matcher.feed(text)
+        finish, stop_reason = None, None
+        eos_allowed = not p.ignore_eos and len(seq.output_ids) >= p.min_new_tokens
+        if s.token_id in self.eos_token_ids and eos_allowed:
+            finish = FinishReason.EOS_TOKEN
+        elif stop_str is not None:
+            finish, stop_reason = FinishReason.STOP_SEQUENCE, stop_str
+        elif s.token_id in p.stop_token_ids:
+            finish, stop_reason = FinishReason.STOP_SEQUENCE, s.token_id
+        elif (len(seq.output_ids) >= p.max_new_tokens
+              or seq.num_tokens >= self.config.max_total_tokens
+              or (p.deadline is not None and time.monotonic() >= p.deadline)):
+            finish = FinishReason.LENGTH
+        if finish is not None and finish != FinishReason.STOP_SEQUENCE:
+            delta += seq.stop_matcher.flush()
+        top = [TopToken(t, self.tokenizer.decode([t], skip_special_tokens=False), lp,
+                        t in self.special_ids) for t, lp in s.top]
+        seq.events.put(TokenEvent(len(seq.output_ids), s.token_id, text, s.logprob, special, delta,
+                                  top, finish, stop_reason))
+        if finish is not None:
+            self._finish(seq, finish, emit=False)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, emit: bool = True,
+                error: str | None = None) -> None:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        self._by_id.pop(seq.request_id, None)
+        if emit:
+            seq.events.put(TokenEvent(len(seq.output_ids), -1, "", 0.0, True, "", [], reason,
+                                      None, error))
+        seq.events.put(None)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        if not seq.is_finished:
+            self._finish(seq, FinishReason.ERROR, error=message)

@@ -1,0 +1,40 @@
+"""What the engine streams back per request (no torch here: the API layer reads these)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    ABORTED = "aborted"
+    ERROR = "error"
+
+
+@dataclass
+class TopToken:
+    token_id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. `text` is the token's own text (special tokens kept, TGI style);
+    `delta` is the content text that became final with this token (stop strings withheld and
+    trimmed, special tokens dropped, OpenAI style). `finish_reason` is set on the last event."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    special: bool
+    delta: str
+    top_tokens: list[TopToken] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended generation
+    error: str | None = None

@@ -1,0 +1,37 @@
+"""Per-request generation parameters, already validated by the API layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    # Greedy when False; temperature/top_k/top_p only apply when sampling.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    typical_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated tokens
+    frequency_penalty: float = 0.0  # OpenAI meaning: minus penalty * count in the output
+    presence_penalty: float = 0.0  # OpenAI meaning: minus penalty if present in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_new_tokens: int = 0
+    top_n_tokens: int = 0  # alternatives reported per generated token
+    deadline: float | None = None  # time.monotonic() after which the request ends with `length`
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )

@@ -1,0 +1,116 @@
+"""Chooses each step's work: every running decode, prefill chunks within the token budget, and
+new requests while KV blocks last. Preempts (and later recomputes) the newest sequence rather
+than running out of cache."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sagellm.engine.kv_cache import PagedKVCache
+from sagellm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[Sequence] = field(default_factory=list)
+    # (sequence, number of tokens to prefill this step, from seq.num_computed on)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+
+    @property
+    def sampling(self) -> list[Sequence]:
+        """Sequences that get a new token this step, in logits order."""
+        done = [seq for seq, n in self.prefills if seq.num_computed + n == seq.num_tokens]
+        return self.decodes + done
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_batch_size: int, max_prefill_tokens: int):
+        self.cache = cache
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks."""
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_prefill_tokens
+        # Running sequences, oldest first: decodes always run; unfinished prefills take chunks.
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted by an older sequence in this loop
+                continue
+            want = 1 if seq.num_uncomputed == 1 else min(seq.num_uncomputed, budget)
+            if want == 0:
+                continue
+            if not self._reserve(seq, want, batch):
+                continue
+            if seq.num_uncomputed == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, want))
+                budget -= want
+        # Admit new sequences in arrival order while there is room.
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            want = min(seq.num_uncomputed, budget)
+            if self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table) > self.cache.allocator.num_free:
+                break  # waits until blocks are freed
+            self.waiting.popleft()
+            self._grow(seq, want)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.prefills.append((seq, want))
+            budget -= want
+        return batch
+
+    def _reserve(self, seq: Sequence, want: int, batch: ScheduledBatch) -> bool:
+        """Give `seq` blocks for `want` more tokens, preempting newer sequences if needed."""
+        while True:
+            need = self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table)
+            if need <= self.cache.allocator.num_free:
+                self._grow(seq, want)
+                return True
+            victim = self.running[-1]
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+
+    def _grow(self, seq: Sequence, want: int) -> None:
+        need = self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table)
+        if need > 0:
+            seq.block_table.extend(self.cache.allocator.allocate(need))
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        if seq in batch.decodes:
+            batch.decodes.remove(seq)
+        batch.prefills = [(s, n) for s, n in batch.prefills if s is not seq]
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.cache.allocator.free(seq.block_table)
+            seq.block_table = []

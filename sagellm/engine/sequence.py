@@ -1,0 +1,63 @@
+"""A request's state inside the engine, and the events it streams back."""
+
+from __future__ import annotations
+
+import enum
+import queue
+import time
+
+import torch
+
+from sagellm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from sagellm.engine.events import FinishReason, TokenEvent
+from sagellm.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Sequence:
+    """Prompt and generated ids, KV blocks, sampler state and the outbound event queue."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 detokenizer: IncrementalDetokenizer, special_ids: frozenset[int]):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        # Tokens whose K/V are in the cache. After a preemption this drops to 0 and the prompt
+        # plus the output so far is prefilled again.
+        self.num_computed = 0
+        self.detokenizer = detokenizer
+        self.stop_matcher = StopMatcher(params.stop)
+        self.special_ids = special_ids
+        self.events: queue.SimpleQueue[TokenEvent | None] = queue.SimpleQueue()
+        self.generator: torch.Generator | None = None
+        if params.do_sample:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else 0)
+        self.aborted = False
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

@@ -1,0 +1,147 @@
+"""Loads the resolved model and tokenizer, and derives the token limits from the model and memory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from sagellm.engine import attention
+from sagellm.engine.kv_cache import PagedKVCache
+from sagellm.errors import ModelLoadError, SettingsError
+from sagellm.model.chat_template import ChatTemplate, find_template
+from sagellm.model.resolve import ModelSource, resolve_model
+from sagellm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# On CPU the cache is allocated lazily, but keep the default within reason for a shared machine.
+_CPU_MAX_KV_TOKENS = 131072
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int  # KV cache capacity, in tokens
+    max_batch_size: int
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    device: str
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    chat: ChatTemplate
+    limits: Limits
+    served_name: str
+    load_seconds: float
+
+    def describe(self) -> list[str]:
+        lim = self.limits
+        return [
+            f"model={self.source.model_id} ({self.source.kind}, {self.source.path})",
+            f"served_model_name={self.served_name} device={self.device} dtype={str(self.dtype)[6:]}",
+            f"chat_template={self.chat.source} eos_token_ids={list(self.eos_token_ids)}",
+            f"max_input_tokens={lim.max_input_tokens} max_total_tokens={lim.max_total_tokens} "
+            f"max_batch_prefill_tokens={lim.max_batch_prefill_tokens} "
+            f"max_batch_total_tokens={lim.max_batch_total_tokens} max_batch_size={lim.max_batch_size}",
+            f"loaded in {self.load_seconds:.1f}s",
+        ]
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(settings: Settings, device: str | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    device = device or pick_device()
+    source = resolve_model(settings)
+    dtype = _DTYPES[settings.dtype] if settings.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    if settings.quantize:
+        raise ModelLoadError(f"HF_MODEL_QUANTIZE={settings.quantize} is not supported yet; "
+                             "serve unquantized weights")
+    attention.register()
+    common = dict(revision=None if source.kind != "hub" else settings.revision,
+                  trust_remote_code=settings.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION, **common)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the model from {source.path}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    model.to(device).eval()
+    template, template_source = find_template(settings, tokenizer, source.path)
+    chat = ChatTemplate(tokenizer, template, template_source, dict(settings.chat_template_kwargs))
+    chat.self_test()
+    limits = derive_limits(settings, model.config, device, model.dtype)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=source, device=device, dtype=model.dtype,
+        eos_token_ids=_eos_ids(model, tokenizer), chat=chat, limits=limits,
+        served_name=settings.served_model_name or source.model_id,
+        load_seconds=time.monotonic() - t0)
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and v not in ids:
+                ids.append(int(v))
+    return tuple(ids)
+
+
+def derive_limits(settings: Settings, config, device: str, dtype: torch.dtype) -> Limits:
+    """Fill what the user left unset from the model and the memory; refuse impossible mixes
+    with a message naming the variables."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_pos = getattr(cfg, "max_position_embeddings", None) or 4096
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+
+    if settings.max_batch_total_tokens:
+        kv_tokens = settings.max_batch_total_tokens
+    else:
+        if settings.kv_cache_memory_mb:
+            budget = settings.kv_cache_memory_mb * 2**20
+        elif device == "cuda":
+            budget = torch.cuda.mem_get_info()[0] * settings.cuda_memory_fraction
+        else:
+            budget = psutil.virtual_memory().available * settings.cuda_memory_fraction * 0.5
+        kv_tokens = int(budget // per_token)
+        if device != "cuda" and not settings.kv_cache_memory_mb:
+            kv_tokens = min(kv_tokens, _CPU_MAX_KV_TOKENS)
+
+    total = settings.max_total_tokens
+    if total is None:
+        total = min(max_pos, kv_tokens)
+        if settings.max_input_tokens is not None:
+            total = max(total, min(settings.max_input_tokens + 1, max_pos))
+    if total > max_pos:
+        raise SettingsError(f"MAX_TOTAL_TOKENS={total} exceeds the model's context "
+                            f"(max_position_embeddings={max_pos}); use at most {max_pos}")
+    max_input = settings.max_input_tokens if settings.max_input_tokens is not None else total - 1
+    if max_input >= total:
+        raise SettingsError(f"MAX_INPUT_TOKENS={max_input} must be less than MAX_TOTAL_TOKENS={total}")
+    if kv_tokens < total:
+        raise SettingsError(
+            f"the KV cache holds {kv_tokens} tokens (MAX_BATCH_TOTAL_TOKENS / KV_CACHE_MEMORY_MB / "
+            f"CUDA_MEMORY_FRACTION), fewer than MAX_TOTAL_TOKENS={total}; lower MAX_TOTAL_TOKENS "
+            f"or give the cache more memory")
+    prefill = settings.max_batch_prefill_tokens or (4096 if device == "cuda" else 512)
+    batch_size = settings.max_batch_size or min(settings.max_concurrent_requests, 256)
+    return Limits(max_input, total, prefill, kv_tokens, batch_size)

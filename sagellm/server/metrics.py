@@ -1,0 +1,36 @@
+"""Prometheus metrics (TGI's names where they exist) and one JSON log line per request."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("sagellm.request")
+
+_DURATION_BUCKETS = tuple(0.00015 * 1.5 ** i for i in range(35))
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tgi_request_count", "Generation requests received", registry=r)
+        self.success = Counter("tgi_request_success", "Generation requests answered", registry=r)
+        self.failure = Counter("tgi_request_failure", "Generation requests failed", ["err"], registry=r)
+        self.duration = Histogram("tgi_request_duration", "Request duration (s)", buckets=_DURATION_BUCKETS,
+                                  registry=r)
+        self.in_flight = Gauge("sagellm_requests_in_flight", "Generation requests in flight", registry=r)
+        self.queue = Gauge("tgi_queue_size", "Sequences waiting for the engine", registry=r)
+        self.batch = Gauge("tgi_batch_current_size", "Sequences in the running batch", registry=r)
+
+    def render(self, engine) -> bytes:
+        if engine is not None:
+            self.queue.set(len(engine.scheduler.waiting))
+            self.batch.set(len(engine.scheduler.running))
+        return generate_latest(self.registry)
+
+
+def log_request(**fields) -> None:
+    log.info(json.dumps(fields, separators=(",", ":")))

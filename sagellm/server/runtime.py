@@ -1,0 +1,123 @@
+"""The model and engine behind the app: loaded in the background so /ping can answer 503 (fast)
+until the model is loaded and warmed up, then 200 while the engine makes progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from sagellm.api.context import ServingContext
+from sagellm.errors import SagellmError
+from sagellm.settings import Settings
+
+log = logging.getLogger("sagellm")
+
+# gunicorn's master halts (instead of restarting the worker) on this exit status.
+WORKER_BOOT_ERROR = 3
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state = "loading"  # loading -> ready | failed; stopping at shutdown
+        self.error: str | None = None
+        self.ctx: ServingContext | None = None
+        self.engine = None
+        self.loaded = None
+        self.started = time.monotonic()
+        self.ready_at: float | None = None
+
+    # ---- start-up ----
+
+    def start_background(self, exit_on_failure: bool = True) -> threading.Thread:
+        t = threading.Thread(target=self._load, args=(exit_on_failure,), name="sagellm-load", daemon=True)
+        t.start()
+        return t
+
+    def load(self) -> None:
+        self._load(exit_on_failure=False)
+        if self.state != "ready":
+            raise RuntimeError(self.error)
+
+    def _load(self, exit_on_failure: bool) -> None:
+        try:
+            self._build()
+            self.state = "ready"
+            self.ready_at = time.monotonic()
+            log.info("ready in %.1fs: serving %s", self.ready_at - self.started, self.ctx.served_name)
+        except Exception as exc:
+            self.state = "failed"
+            self.error = exc.message if isinstance(exc, SagellmError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, SagellmError):
+                log.exception("start-up failed")
+            log.error("start-up failed: %s", self.error)
+            if exit_on_failure:
+                logging.shutdown()
+                os._exit(WORKER_BOOT_ERROR)
+
+    def _build(self) -> None:
+        from sagellm.engine.engine import EngineConfig, LLMEngine
+        from sagellm.engine.sampling_params import SamplingParams
+        from sagellm.model import load_model
+
+        lm = load_model(self.settings)
+        for line in lm.describe():
+            log.info("%s", line)
+        lim = lm.limits
+        cfg = EngineConfig(max_batch_size=lim.max_batch_size, max_prefill_tokens=lim.max_batch_prefill_tokens,
+                           max_total_tokens=lim.max_total_tokens,
+                           num_kv_blocks=max(1, lim.max_batch_total_tokens // 16), block_size=16)
+        engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids, device=lm.device)
+        engine.start()
+        # Warm-up: one short generation through the whole path before /ping turns green.
+        prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Hello"}])) if lm.chat.template \
+            else lm.tokenizer("Hello").input_ids
+        events = list(engine.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True)))
+        if not events or events[-1].finish_reason is None or events[-1].error:
+            raise RuntimeError(f"warm-up generation failed: {events[-1].error if events else 'no output'}")
+        self.loaded, self.engine = lm, engine
+        self.ctx = make_context(self.settings, lm, engine)
+
+    # ---- health ----
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.state != "ready":
+            return False, self.error or self.state
+        engine = self.engine
+        if not engine.is_alive():
+            return False, "the engine stopped"
+        stalled = time.monotonic() - engine.last_progress
+        if engine.num_pending() and stalled > self.settings.watchdog_timeout_s:
+            return False, f"the engine made no progress for {stalled:.0f}s with work queued"
+        return True, "ok"
+
+    def stop(self) -> None:
+        self.state = "stopping"
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def make_context(settings: Settings, lm, engine) -> ServingContext:
+    tok = lm.tokenizer
+    special = frozenset(tok.all_special_ids)
+
+    def tokenize(text: str, add_special: bool) -> list[int]:
+        return tok(text, add_special_tokens=add_special).input_ids
+
+    def offsets(text: str):
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        return [(i, s, e) for i, (s, e) in zip(enc.input_ids, enc["offset_mapping"])]
+
+    lim = lm.limits
+    return ServingContext(
+        settings=settings, model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
+        dtype=str(lm.dtype).replace("torch.", ""), max_input_tokens=lim.max_input_tokens,
+        max_total_tokens=lim.max_total_tokens, max_batch_prefill_tokens=lim.max_batch_prefill_tokens,
+        max_batch_total_tokens=lim.max_batch_total_tokens, max_batch_size=lim.max_batch_size,
+        tokenize=tokenize, tokenize_offsets=offsets,
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        token_text=lambda i: tok.decode([i], skip_special_tokens=False),
+        render_chat=lambda messages, **kw: lm.chat.render(messages, **kw),
+        encode_chat=lm.chat.encode, submit=engine.submit, special_ids=special)

@@ -1,0 +1,408 @@
+"""The environment, read once into a frozen `Settings`: every variable, its aliases, parsing and checks."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from sagellm.errors import SettingsError
+
+
+def _frozen_dict() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration: build it with `Settings.from_env()`; `VARS` says where fields come from."""
+
+    model_id: str | None = None
+    revision: str | None = None
+    # Secrets stay out of repr(), so logging a Settings never leaks them; describe() masks them.
+    hf_token: str | None = field(default=None, repr=False)
+    trust_remote_code: bool = False
+    quantize: str | None = None
+    dtype: str | None = None  # None = "auto"
+    num_shard: int = 1  # -1 = every visible device
+    model_dir: str = "/opt/ml/model"
+    cache_dir: str | None = None
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_concurrent_requests: int = 128
+    max_stop_sequences: int = 16
+    max_top_n_tokens: int = 20
+    max_best_of: int = 2
+    max_client_batch_size: int = 4
+    payload_limit: int = 8_000_000
+    messages_api_enabled: bool | None = None
+    port: int = 8080
+    bind_host: str = "0.0.0.0"
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    chat_template_file: str | None = None
+    # Read-only so a frozen Settings can't be changed behind its back; hash=False as mappings don't hash.
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=_frozen_dict, hash=False)
+    default_max_tokens: int | None = None
+    request_timeout_s: float | None = None
+    return_full_text: bool = True
+    api_key: str | None = field(default=None, repr=False)
+    cuda_memory_fraction: float = 0.9
+    kv_cache_memory_mb: int | None = None
+    graceful_termination_timeout: float = 25.0
+    log_level: str = "info"
+    log_prompts: bool = False
+    compute_type: str | None = None
+    enable_prefill_logprobs: bool = False
+    watchdog_timeout_s: float = 60.0
+    worker_threads: int | None = None
+    # Not environment variables: which variable supplied hf_token, and each field's source for describe().
+    hf_token_source: str | None = None
+    sources: Mapping[str, str] = field(default_factory=_frozen_dict, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Tests build Settings(...) with plain dicts; keep the read-only promise for them too.
+        for name in ("chat_template_kwargs", "sources"):
+            value = getattr(self, name)
+            if not isinstance(value, MappingProxyType):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
+        self._check_combinations()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for var in VARS:
+            found = var.read(environ)
+            if found is not None:
+                sources[var.field], values[var.field] = found
+        return cls(**values, hf_token_source=sources.get("hf_token"), sources=sources)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> list[str]:
+        """One line per variable for the start-up log, secrets masked."""
+        lines = []
+        for var in VARS:
+            source = self.sources.get(var.field)
+            origin = f"from {source}" if source else "default"
+            lines.append(f"{var.field}={_show(var, getattr(self, var.field))} ({origin})")
+        return lines
+
+    def _name(self, field_name: str) -> str:
+        # Name the variable the user actually set (MAX_INPUT_LENGTH, not MAX_INPUT_TOKENS).
+        return self.sources.get(field_name) or _BY_FIELD[field_name].names[0]
+
+    def _check_combinations(self) -> None:
+        """Checks that need no model; the model module checks the limits against the model itself."""
+        inp, total, batch = self.max_input_tokens, self.max_total_tokens, self.max_batch_total_tokens
+        if inp is not None and total is not None and inp >= total:
+            raise SettingsError(
+                f"{self._name('max_input_tokens')}={inp} must be less than "
+                f"{self._name('max_total_tokens')}={total} (the total includes the generated tokens)"
+            )
+        if batch is not None and total is not None and batch < total:
+            raise SettingsError(
+                f"{self._name('max_batch_total_tokens')}={batch} must be at least "
+                f"{self._name('max_total_tokens')}={total} (one full request must fit in a batch)"
+            )
+
+
+# --- parsing ---------------------------------------------------------------------------------
+# A parser takes the unquoted, non-empty text and returns the value, or raises ValueError whose
+# message completes "NAME='raw' is not ...".
+
+
+def _unquote(raw: str) -> str:
+    """Strip whitespace and one layer of quotes, as the SageMaker SDK may JSON-encode or str() values."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        if text[0] == '"':
+            # A JSON string may hold escapes (a chat template's "\n"); decode them when it is one.
+            try:
+                decoded = json.loads(text)
+            except ValueError:
+                decoded = None
+            if isinstance(decoded, str):
+                return decoded.strip()
+        text = text[1:-1].strip()
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _int(expected: str, ok: Callable[[int], bool]) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            # "4.0" is what str(float) gives; accept it, but never round "4.5".
+            try:
+                as_float = float(text)
+            except ValueError:
+                raise ValueError(expected) from None
+            if not as_float.is_integer():
+                raise ValueError(expected) from None
+            number = int(as_float)
+        if not ok(number):
+            raise ValueError(expected)
+        return number
+
+    return parse
+
+
+def _float(expected: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not math.isfinite(number) or not ok(number):
+            raise ValueError(expected)
+        return number
+
+    return parse
+
+
+def _choice(allowed: tuple[str, ...], aliases: Mapping[str, Any] | None = None) -> Callable[[str], Any]:
+    aliases = aliases or {}
+
+    def parse(text: str) -> str | None:
+        lowered = text.lower()
+        if lowered in aliases:
+            return aliases[lowered]
+        if lowered in allowed:
+            return lowered
+        raise ValueError("one of " + ", ".join(allowed))
+
+    return parse
+
+
+def _json_object(text: str) -> Mapping[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        # str() of a Python dict uses single quotes, which JSON refuses.
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+    if not isinstance(value, dict):
+        raise ValueError('a JSON object such as {"enable_thinking": false}')
+    return MappingProxyType(value)
+
+
+_positive_int = _int("a positive integer", lambda n: n >= 1)
+_non_negative_int = _int("a non-negative integer", lambda n: n >= 0)
+_port = _int("a port number (1 to 65535)", lambda n: 1 <= n <= 65535)
+_positive_float = _float("a positive number", lambda x: x > 0)
+_non_negative_float = _float("a non-negative number", lambda x: x >= 0)
+_fraction = _float("a number above 0 and at most 1", lambda x: 0 < x <= 1)
+
+
+def _num_shard(text: str) -> int:
+    if text.lower() == "max":
+        return -1
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise ValueError("a positive integer or 'max'") from None
+
+
+QUANTIZE_METHODS = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "awq", "gptq",
+                    "eetq", "compressed-tensors", "marlin", "exl2")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {"auto": None, "fp32": "float32", "float": "float32", "fp16": "float16",
+                  "half": "float16", "bf16": "bfloat16"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Var:
+    """One setting: its field, the variables that set it (first set wins), its type and meaning."""
+
+    field: str
+    names: tuple[str, ...]
+    type: str
+    parse: Callable[[str], Any]
+    meaning: str
+    secret: bool = False
+
+    @property
+    def default(self) -> Any:
+        # The dataclass is the one place defaults live, so the table can't drift from it.
+        spec = _FIELDS[self.field]
+        return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+    def read(self, environ: Mapping[str, str]) -> tuple[str, Any] | None:
+        """(source name, value) from the first alias set, or None if none is; aliases must agree."""
+        found: list[tuple[str, str, Any]] = []
+        for name in self.names:
+            raw = environ.get(name)
+            if raw is None:
+                continue
+            text = _unquote(raw)
+            if not text:  # an empty value counts as unset
+                continue
+            try:
+                value = self.parse(text)
+            except ValueError as e:
+                shown = "***" if self.secret else repr(raw)
+                raise SettingsError(f"{name}={shown} is not {e}") from None
+            found.append((name, raw, value))
+        if not found:
+            return None
+        first_name, first_raw, first_value = found[0]
+        for name, raw, value in found[1:]:
+            if value != first_value:
+                if self.secret:
+                    raise SettingsError(f"{first_name} and {name} are set to different values; set only one")
+                raise SettingsError(f"{first_name}={first_raw!r} and {name}={raw!r} disagree; set only one")
+        return first_name, first_value
+
+
+VARS: list[Var] = [
+    Var("model_id", ("HF_MODEL_ID", "MODEL_ID"), "str", _text,
+        "Hub id or local path of the model; unset: /opt/ml/model if it holds weights, "
+        "else the bundled SmolLM2-135M-Instruct"),
+    Var("revision", ("HF_MODEL_REVISION", "HF_REVISION", "REVISION"), "str", _text,
+        "Hub branch, tag or commit of the model"),
+    Var("hf_token", ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"), "str", _text,
+        "Hugging Face token for gated or private models", secret=True),
+    Var("trust_remote_code", ("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), "bool", _bool,
+        "Run the model repository's own Python code"),
+    Var("quantize", ("HF_MODEL_QUANTIZE", "QUANTIZE"), "one of " + ", ".join(QUANTIZE_METHODS),
+        _choice(QUANTIZE_METHODS), "Quantization method; unset: none"),
+    Var("dtype", ("DTYPE", "TORCH_DTYPE"), "one of " + ", ".join(DTYPES), _choice(DTYPES, _DTYPE_ALIASES),
+        "Weight dtype (fp32, fp16, bf16, half, float also accepted); unset: auto"),
+    Var("num_shard", ("SM_NUM_GPUS", "NUM_SHARD", "TENSOR_PARALLEL_DEGREE"), "int >= 1 or max",
+        _num_shard, "Tensor-parallel degree; max: every visible device"),
+    Var("model_dir", ("SM_MODEL_DIR",), "str", _text, "Where SageMaker puts model artifacts"),
+    Var("cache_dir", ("SAGELLM_CACHE_DIR",), "str", _text,
+        "Download cache for Hub models; unset: ~/.cache/sagellm"),
+    Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), "int >= 1", _positive_int,
+        "Most prompt tokens per request; unset: derived from the model"),
+    Var("max_total_tokens", ("MAX_TOTAL_TOKENS",), "int >= 1", _positive_int,
+        "Most prompt plus generated tokens per request; unset: derived from the model"),
+    Var("max_batch_prefill_tokens", ("MAX_BATCH_PREFILL_TOKENS",), "int >= 1", _positive_int,
+        "Most prompt tokens prefilled in one engine step; unset: derived"),
+    Var("max_batch_total_tokens", ("MAX_BATCH_TOTAL_TOKENS",), "int >= 1", _positive_int,
+        "Most tokens held by all running requests together; unset: derived from memory"),
+    Var("max_batch_size", ("MAX_BATCH_SIZE",), "int >= 1", _positive_int,
+        "Most requests in one engine step; unset: limited by tokens only"),
+    Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", _positive_int,
+        "Requests in flight before new ones get 429"),
+    Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", _non_negative_int,
+        "Most stop sequences per request"),
+    Var("max_top_n_tokens", ("MAX_TOP_N_TOKENS",), "int >= 0", _non_negative_int,
+        "Most top_n_tokens (alternative tokens per position) per request"),
+    Var("max_best_of", ("MAX_BEST_OF",), "int >= 1", _positive_int, "Largest best_of per request"),
+    Var("max_client_batch_size", ("MAX_CLIENT_BATCH_SIZE",), "int >= 1", _positive_int,
+        "Most inputs in one request body"),
+    Var("payload_limit", ("PAYLOAD_LIMIT",), "int >= 1", _positive_int, "Largest request body, in bytes"),
+    Var("messages_api_enabled", ("MESSAGES_API_ENABLED", "OAI_ENABLED"), "bool", _bool,
+        "true: /invocations takes chat requests only; false: TGI native only; unset: the body decides"),
+    Var("port", ("SAGEMAKER_BIND_TO_PORT", "PORT"), "int 1..65535", _port, "Port to listen on"),
+    Var("bind_host", ("BIND_HOST",), "str", _text, "Address to listen on"),
+    Var("served_model_name", ("SERVED_MODEL_NAME",), "str", _text,
+        "Model name reported to clients; unset: the model id"),
+    Var("chat_template", ("CHAT_TEMPLATE",), "str", _text,
+        "Jinja chat template replacing the tokenizer's"),
+    Var("chat_template_file", ("CHAT_TEMPLATE_FILE",), "str", _text,
+        "Path of a file holding the chat template"),
+    Var("chat_template_kwargs", ("CHAT_TEMPLATE_KWARGS",), "JSON object", _json_object,
+        "Extra variables passed to the chat template"),
+    Var("default_max_tokens", ("DEFAULT_MAX_TOKENS",), "int >= 1", _positive_int,
+        "Generated tokens when a request sets none; unset: the rest of the context"),
+    Var("request_timeout_s", ("REQUEST_TIMEOUT_S",), "float > 0", _positive_float,
+        "Seconds before a request is cancelled; unset: no limit"),
+    Var("return_full_text", ("RETURN_FULL_TEXT",), "bool", _bool,
+        "Native requests return the prompt before the generated text unless they say otherwise"),
+    Var("api_key", ("API_KEY",), "str", _text,
+        "If set, requests must send it as a bearer token", secret=True),
+    Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION",), "float in (0, 1]", _fraction,
+        "Share of device memory (on CPU: available RAM) the KV cache may use"),
+    Var("kv_cache_memory_mb", ("KV_CACHE_MEMORY_MB",), "int >= 1", _positive_int,
+        "KV cache size in MiB; overrides the fraction"),
+    Var("graceful_termination_timeout", ("GRACEFUL_TERMINATION_TIMEOUT",), "float >= 0", _non_negative_float,
+        "Seconds running requests get to finish on shutdown"),
+    Var("log_level", ("LOG_LEVEL",), "one of " + ", ".join(LOG_LEVELS),
+        _choice(LOG_LEVELS, {"warn": "warning"}), "Log verbosity (warn also accepted)"),
+    Var("log_prompts", ("LOG_PROMPTS",), "bool", _bool, "Log prompts and generated text"),
+    Var("compute_type", ("COMPUTE_TYPE",), "str", _text,
+        "Value of the x-compute-type response header; unset: decided by the device"),
+    Var("enable_prefill_logprobs", ("ENABLE_PREFILL_LOGPROBS",), "bool", _bool,
+        "Allow requests to ask for prompt token logprobs (decoder_input_details)"),
+    Var("watchdog_timeout_s", ("WATCHDOG_TIMEOUT_S",), "float > 0", _positive_float,
+        "/ping fails if no engine step completes for this long while work is queued"),
+    Var("worker_threads", ("SAGELLM_THREADS",), "int >= 1", _positive_int,
+        "gunicorn threads; unset: MAX_CONCURRENT_REQUESTS + 8"),
+]
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_BY_FIELD = {var.field: var for var in VARS}
+
+
+def _mask(secret: str) -> str:
+    # Four characters tell tokens apart; a short secret shows none, as four would be most of it.
+    return secret[:4] + "***" if len(secret) > 8 else "***"
+
+
+def _show(var: Var, value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if var.secret:
+        return _mask(value)
+    if var.field == "num_shard" and value == -1:
+        return "max"
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value))
+    text = str(value)
+    if "\n" in text or len(text) > 80:  # keep one line per setting (chat templates are long)
+        return repr(text[:60] + "...")
+    return text
+
+
+def markdown_table() -> str:
+    """Every variable as a markdown table, for the README."""
+    rows = ["| Variable | Type | Default | Meaning |", "| --- | --- | --- | --- |"]
+    for var in VARS:
+        names = ", ".join(f"`{name}`" for name in var.names)
+        default = var.default
+        if default is None:
+            shown = "unset"
+        elif isinstance(default, Mapping):
+            shown = f"`{json.dumps(dict(default))}`"
+        else:
+            shown = f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        cells = [names, var.type, shown, var.meaning]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
