@@ -61,7 +61,6 @@ class Settings:
     log_level: str = "info"
     log_prompts: bool = False
     compute_type: str | None = None
-    enable_prefill_logprobs: bool = False
     watchdog_timeout_s: float = 60.0
     worker_threads: int | None = None
     # Not environment variables: which variable supplied hf_token, and each field's source for describe().
@@ -307,7 +306,7 @@ VARS: list[Var] = [
         _num_shard, "Tensor-parallel degree; max: every visible device"),
     Var("model_dir", ("SM_MODEL_DIR",), "str", _text, "Where SageMaker puts model artifacts"),
     Var("cache_dir", ("SAGELLM_CACHE_DIR",), "str", _text,
-        "Download cache for Hub models; unset: ~/.cache/sagellm"),
+        "Folder for the converted bundled model; unset: ~/.cache/sagellm"),
     Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), "int >= 1", _positive_int,
         "Most prompt tokens per request; unset: derived from the model"),
     Var("max_total_tokens", ("MAX_TOTAL_TOKENS",), "int >= 1", _positive_int,
@@ -356,11 +355,9 @@ VARS: list[Var] = [
         "Seconds running requests get to finish on shutdown"),
     Var("log_level", ("LOG_LEVEL",), "one of " + ", ".join(LOG_LEVELS),
         _choice(LOG_LEVELS, {"warn": "warning"}), "Log verbosity (warn also accepted)"),
-    Var("log_prompts", ("LOG_PROMPTS",), "bool", _bool, "Log prompts and generated text"),
+    Var("log_prompts", ("LOG_PROMPTS",), "bool", _bool, "Log each request body (prompts included); off by default for privacy"),
     Var("compute_type", ("COMPUTE_TYPE",), "str", _text,
         "Value of the x-compute-type response header; unset: decided by the device"),
-    Var("enable_prefill_logprobs", ("ENABLE_PREFILL_LOGPROBS",), "bool", _bool,
-        "Allow requests to ask for prompt token logprobs (decoder_input_details)"),
     Var("watchdog_timeout_s", ("WATCHDOG_TIMEOUT_S",), "float > 0", _positive_float,
         "/ping fails if no engine step completes for this long while work is queued"),
     Var("worker_threads", ("SAGELLM_THREADS",), "int >= 1", _positive_int,

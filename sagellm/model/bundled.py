@@ -65,3 +65,10 @@ def _convert(gguf: Path, target: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
+
+
+if __name__ == "__main__":  # `python -m sagellm.model.bundled`: convert now, print the folder
+    from sagellm.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(bundled_model_dir(Settings.from_env().cache_dir))

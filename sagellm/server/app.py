@@ -58,6 +58,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                     raise Unauthorized("missing or wrong `Authorization: Bearer` API key")
             body = json_body(settings.payload_limit)
             flavor = flavor_hint or _flavor_of(request.path, body, settings)
+            if settings.log_prompts:
+                log_request(id=g.request_id, route=path, body=body)
             if runtime.state != "ready":
                 raise Unavailable(f"the model is not ready ({runtime.state})")
             if not admission.try_acquire():

@@ -48,7 +48,6 @@ SAMPLES = {
     "log_level": ("DEBUG", "debug"),
     "log_prompts": ("yes", True),
     "compute_type": ("gpu+optimized", "gpu+optimized"),
-    "enable_prefill_logprobs": ("on", True),
     "watchdog_timeout_s": ("10", 10.0),
     "worker_threads": ("16", 16),
 }

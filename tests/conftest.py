@@ -1,0 +1,106 @@
+"""Shared fixtures: the bundled model loaded once, and real `serve` + gunicorn servers on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `serve` process (gunicorn, one worker) on a free port."""
+
+    def __init__(self, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 120):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {k: v for k, v in os.environ.items() if k not in ("HF_MODEL_ID", "SM_NUM_GPUS")}
+        full_env.update({"PORT": str(self.port), "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "info",
+                         "SM_MODEL_DIR": str(ROOT / "tests" / "no-such-model-dir")})
+        full_env.update(env or {})
+        self.log_path = Path(f"/tmp/sagellm-test-{self.port}.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve"), "serve"], cwd=ROOT,
+                                     env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The bundled model behind real gunicorn, default settings, shared by the client tests."""
+    srv = Server(env={"MAX_CONCURRENT_REQUESTS": "32"})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def loaded_model():
+    from sagellm.model import load_model
+    from sagellm.settings import Settings
+
+    return load_model(Settings.from_env({}))
+
+
+@pytest.fixture(scope="session")
+def reference_model(loaded_model):
+    """The same weights under transformers' own attention, for `generate` comparisons."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def chat_ids(loaded_model):
+    """question -> the templated prompt's token ids, as /v1/chat/completions builds them."""
+    def build(question: str) -> list[int]:
+        chat = loaded_model.chat
+        return chat.encode(chat.render([{"role": "user", "content": question}]))
+    return build
