@@ -79,7 +79,7 @@ class RequestHandle:
 
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
-                 device: str = "cpu", dtype: torch.dtype | None = None):
+                 device: str = "cpu", dtype: torch.dtype | None = None, tp_group=None):
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
@@ -87,9 +87,14 @@ class LLMEngine:
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-        self.cache = PagedKVCache(mc.num_hidden_layers, config.num_kv_blocks, config.block_size,
-                                  num_kv_heads, head_dim, dtype or model.dtype, device)
-        self.runner = ModelRunner(model, self.cache, device)
+        world = tp_group.world if tp_group is not None else 1
+        cache_shape = (config.num_kv_blocks, config.block_size, mc.num_hidden_layers, num_kv_heads // world,
+                       head_dim, dtype or model.dtype)
+        if tp_group is not None:  # every rank holds the same blocks for its own KV heads
+            tp_group.send(("cache", cache_shape))
+        nb, bs, layers, kvh, hd, dt = cache_shape
+        self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device)
+        self.runner = ModelRunner(model, self.cache, device, tp_group)
         self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()

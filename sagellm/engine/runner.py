@@ -1,6 +1,12 @@
-"""Builds one packed forward pass from a scheduled batch and returns the logits to sample from."""
+"""Builds one packed forward pass from a scheduled batch and returns the logits to sample from.
+
+Rank 0 prepares the step's tensors; with tensor parallelism they are broadcast so every rank
+runs the same forward on its shard of the weights (and its shard of the KV cache).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -10,12 +16,28 @@ from sagellm.engine.scheduler import ScheduledBatch
 from sagellm.engine.sequence import Sequence
 
 
+@dataclass
+class StepInputs:
+    """Everything a rank needs for one forward pass; plain CPU tensors, cheap to broadcast."""
+
+    input_ids: torch.Tensor  # [1, T] packed: decode tokens first, then prefill chunks
+    position_ids: torch.Tensor  # [1, T]
+    keep: torch.Tensor  # [N] rows of T whose logits are sampled
+    num_sampled: int  # N, or 0 when no sequence samples this step
+    slot_mapping: torch.Tensor  # [T]
+    num_decode: int
+    decode_slots: torch.Tensor | None  # [B_decode, L_max]
+    decode_mask: torch.Tensor | None  # [B_decode, 1, 1, L_max]
+    prefills: list[PrefillChunk]
+
+
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, device: torch.device | str = "cpu"):
+    def __init__(self, model, cache: PagedKVCache, device: torch.device | str = "cpu", tp_group=None):
         self.model = model
         self.cache = cache
         self.device = torch.device(device)
         self.block_size = cache.block_size
+        self.tp_group = tp_group  # sagellm.engine.distributed.TPGroup on rank 0, else None
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions [start, end) of `seq`."""
@@ -23,9 +45,7 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Returns float32 logits [len(batch.sampling), vocab]."""
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
         tokens: list[int] = []
         positions: list[torch.Tensor] = []
         slot_parts: list[torch.Tensor] = []
@@ -61,31 +81,39 @@ class ModelRunner:
                 slot_parts.append(slots[start:])
                 # Query i (absolute position start + i) sees keys 0 .. start + i.
                 mask = torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]
-                prefills.append(PrefillChunk(q_start, n, start, slots.to(self.device), mask.to(self.device)))
+                prefills.append(PrefillChunk(q_start, n, start, slots, mask))
             if start + n == seq.num_tokens:
                 logit_rows.append(q_start + n - 1)
 
+        keep = logit_rows or [len(tokens) - 1]  # the model wants at least one row
+        return StepInputs(
+            input_ids=torch.tensor([tokens], dtype=torch.long),
+            position_ids=torch.cat(positions).unsqueeze(0),
+            keep=torch.tensor(keep), num_sampled=len(logit_rows),
+            slot_mapping=torch.cat(slot_parts), num_decode=len(batch.decodes),
+            decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefills)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """float32 logits [step.num_sampled, vocab]. Runs on every rank."""
         dev = self.device
-        meta = StepMetadata(
-            cache=self.cache,
-            slot_mapping=torch.cat(slot_parts).to(dev),
-            num_decode=len(batch.decodes),
-            decode_slots=None if decode_slots is None else decode_slots.to(dev),
-            decode_mask=None if decode_mask is None else decode_mask.to(dev),
-            prefills=prefills,
-        )
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=dev)
-        position_ids = torch.cat(positions).unsqueeze(0).to(dev)
-        if not logit_rows:
-            keep = torch.tensor([len(tokens) - 1], device=dev)
-        else:
-            keep = torch.tensor(logit_rows, device=dev)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                         logits_to_keep=keep, sagellm_meta=meta)
-        # Advance the cache bookkeeping: these tokens' K/V are now stored.
+        to = (lambda t: None if t is None else t.to(dev, non_blocking=True))
+        prefills = [PrefillChunk(c.q_start, c.q_len, c.ctx_len, to(c.slots), to(c.mask)) for c in step.prefills]
+        meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
+                            decode_slots=to(step.decode_slots), decode_mask=to(step.decode_mask),
+                            prefills=prefills)
+        out = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
+                         logits_to_keep=to(step.keep), sagellm_meta=meta)
+        return out.logits[0, :step.num_sampled].float()
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        step = self.prepare(batch)
+        if self.tp_group is not None:
+            self.tp_group.broadcast_step(step)
+        logits = self.forward(step)
+        # These tokens' K/V are now stored.
         for seq in batch.decodes:
             seq.num_computed += 1
         for seq, n in batch.prefills:
             seq.num_computed += n
-        logits = out.logits[0].float()  # [len(keep), vocab]
-        return logits if logit_rows else logits[:0]
+        return logits

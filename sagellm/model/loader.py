@@ -37,6 +37,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: ModelSource
+    tp: object | None  # sagellm.engine.distributed.TPGroup when SM_NUM_GPUS > 1
     device: str
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
@@ -48,7 +49,8 @@ class LoadedModel:
     def describe(self) -> list[str]:
         lim = self.limits
         return [
-            f"model={self.source.model_id} ({self.source.kind}, {self.source.path})",
+            f"model={self.source.model_id} ({self.source.kind}, {self.source.path})"
+            f" tensor_parallel={self.tp.world if self.tp else 1}",
             f"served_model_name={self.served_name} device={self.device} dtype={str(self.dtype)[6:]}",
             f"chat_template={self.chat.source} eos_token_ids={list(self.eos_token_ids)}",
             f"max_input_tokens={lim.max_input_tokens} max_total_tokens={lim.max_total_tokens} "
@@ -62,33 +64,68 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _dtype(settings: Settings, device: str) -> torch.dtype:
+    if settings.dtype:
+        return _DTYPES[settings.dtype]
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def _load_error(path: str, exc: Exception) -> ModelLoadError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ModelLoadError(f"could not load the model from {path}: {type(exc).__name__}: {first}")
+
+
+def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -> torch.nn.Module:
+    """The model on `device`, with our paged attention; with `tp_size` > 1, this rank's shard by
+    transformers' TP plan (the process group must be up; every rank calls this together)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    attention.register()
+    kwargs = dict(dtype=_dtype(settings, device), attn_implementation=attention.ATTN_IMPLEMENTATION,
+                  trust_remote_code=settings.trust_remote_code)
+    tp = tp_size > 1
+    if tp:
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise _load_error(path, exc) from exc
+    if not tp:
+        model.to(device)
+    return model.eval()
+
+
 def load_model(settings: Settings, device: str | None = None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sagellm.engine.distributed import TPGroup, check_degree
 
     t0 = time.monotonic()
     device = device or pick_device()
     source = resolve_model(settings)
-    dtype = _DTYPES[settings.dtype] if settings.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     if settings.quantize:
         raise ModelLoadError(f"HF_MODEL_QUANTIZE={settings.quantize} is not supported yet; "
                              "serve unquantized weights")
-    attention.register()
-    common = dict(revision=None if source.kind != "hub" else settings.revision,
-                  trust_remote_code=settings.trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, attn_implementation=attention.ATTN_IMPLEMENTATION, **common)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=settings.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=settings.trust_remote_code)
     except Exception as exc:
-        raise ModelLoadError(f"could not load the model from {source.path}: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    model.to(device).eval()
+        raise _load_error(source.path, exc) from exc
+    world = check_degree(settings.num_shard, config, device)
+    tp = TPGroup(world, device, source.path) if world > 1 else None
+    try:
+        model = load_weights(source.path, settings, "cuda:0" if device == "cuda" else device, tp_size=world)
+    except BaseException:
+        if tp is not None:
+            tp.shutdown(timeout=1)
+        raise
     template, template_source = find_template(settings, tokenizer, source.path)
     chat = ChatTemplate(tokenizer, template, template_source, dict(settings.chat_template_kwargs))
     chat.self_test()
-    limits = derive_limits(settings, model.config, device, model.dtype)
+    limits = derive_limits(settings, model.config, device, model.dtype, world)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, source=source, device=device, dtype=model.dtype,
+        model=model, tokenizer=tokenizer, source=source, tp=tp, device=device, dtype=model.dtype,
         eos_token_ids=_eos_ids(model, tokenizer), chat=chat, limits=limits,
         served_name=settings.served_model_name or source.model_id,
         load_seconds=time.monotonic() - t0)
@@ -104,14 +141,15 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def derive_limits(settings: Settings, config, device: str, dtype: torch.dtype) -> Limits:
+def derive_limits(settings: Settings, config, device: str, dtype: torch.dtype, world: int = 1) -> Limits:
     """Fill what the user left unset from the model and the memory; refuse impossible mixes
     with a message naming the variables."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_pos = getattr(cfg, "max_position_embeddings", None) or 4096
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, dtype)
+    # Each rank holds its share of the KV heads.
+    per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, max(kv_heads // world, 1), head_dim, dtype)
 
     if settings.max_batch_total_tokens:
         kv_tokens = settings.max_batch_total_tokens

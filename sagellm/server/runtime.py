@@ -69,7 +69,8 @@ class Runtime:
         cfg = EngineConfig(max_batch_size=lim.max_batch_size, max_prefill_tokens=lim.max_batch_prefill_tokens,
                            max_total_tokens=lim.max_total_tokens,
                            num_kv_blocks=max(1, lim.max_batch_total_tokens // 16), block_size=16)
-        engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids, device=lm.device)
+        self.loaded = lm
+        engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids, device=lm.device, tp_group=lm.tp)
         engine.start()
         # Warm-up: one short generation through the whole path before /ping turns green.
         prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Hello"}])) if lm.chat.template \
@@ -77,8 +78,24 @@ class Runtime:
         events = list(engine.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True)))
         if not events or events[-1].finish_reason is None or events[-1].error:
             raise RuntimeError(f"warm-up generation failed: {events[-1].error if events else 'no output'}")
-        self.loaded, self.engine = lm, engine
+        self.engine = engine
         self.ctx = make_context(self.settings, lm, engine)
+        if lm.tp is not None:
+            threading.Thread(target=self._watch_ranks, name="sagellm-ranks", daemon=True).start()
+
+    def _watch_ranks(self) -> None:
+        """A dead rank can never rejoin the group: fail /ping and stop the server, non-zero."""
+        tp = self.loaded.tp
+        while self.state in ("loading", "ready"):
+            dead = tp.dead_followers()
+            if dead:
+                self.state = "failed"
+                self.error = f"tensor-parallel rank(s) {dead} exited"
+                log.error("%s; stopping the server", self.error)
+                time.sleep(1.0)  # let in-flight /ping calls see 503
+                logging.shutdown()
+                os._exit(WORKER_BOOT_ERROR)
+            time.sleep(0.5)
 
     # ---- health ----
 
@@ -97,6 +114,8 @@ class Runtime:
         self.state = "stopping"
         if self.engine is not None:
             self.engine.stop()
+        if self.loaded is not None and self.loaded.tp is not None:
+            self.loaded.tp.shutdown()
 
 
 def make_context(settings: Settings, lm, engine) -> ServingContext:

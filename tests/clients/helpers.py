@@ -1,0 +1,88 @@
+"""Small HTTP/SSE helpers shared by the client tests (plain `requests`, no mocks)."""
+
+from __future__ import annotations
+
+import json
+
+import requests
+
+TIMEOUT = 300  # the CI machine is slow (2 CPU cores); generations are short but may queue
+
+
+def chat_body(question: str, max_tokens: int = 16, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}
+
+
+def post(server, path: str, body: dict, **kw) -> requests.Response:
+    return requests.post(server.url + path, json=body, timeout=TIMEOUT, **kw)
+
+
+def split_events(raw: bytes) -> list[bytes]:
+    """Split an SSE body into events (without their `\\n\\n` terminator); keep-alive comments dropped."""
+    assert raw.endswith(b"\n\n"), f"SSE body does not end with a blank line: {raw[-80:]!r}"
+    events = raw[:-2].split(b"\n\n")
+    return [e for e in events if not e.startswith(b":")]
+
+
+def data_of(event: bytes) -> str:
+    """The payload of a single-line `data:` event (one optional space after the colon, as SSE allows)."""
+    assert event.startswith(b"data:"), f"not a data event: {event!r}"
+    assert b"\n" not in event, f"multi-line event: {event!r}"
+    text = event[len(b"data:"):].decode()
+    return text[1:] if text.startswith(" ") else text
+
+
+def _openai_done(buf: bytes) -> bool:
+    return b"data: [DONE]\n\n" in buf or b"data:[DONE]\n\n" in buf
+
+
+def _native_done(buf: bytes) -> bool:
+    if not buf.endswith(b"\n\n"):
+        return False
+    last = buf[:-2].rsplit(b"\n\n", 1)[-1]
+    if not last.startswith(b"data:"):
+        return False
+    obj = json.loads(data_of(last))
+    return "error" in obj or obj.get("generated_text") is not None
+
+
+def read_stream(resp: requests.Response, native: bool = False) -> bytes:
+    """Read an SSE body up to and including its terminal event ([DONE] for OpenAI routes, the
+    event with generated_text for native ones), then close, as the SDKs do. Does not depend on
+    how the server ends the chunked body (test_sse_and_sagemaker checks that separately)."""
+    done = _native_done if native else _openai_done
+    buf = b""
+    try:
+        for piece in resp.iter_content(chunk_size=None):
+            buf += piece
+            if done(buf):
+                break
+    finally:
+        resp.close()
+    return buf
+
+
+def openai_stream_json(raw: bytes) -> list:
+    """Chunks of an OpenAI SSE body as dicts, the final `[DONE]` as the string "[DONE]"."""
+    out = []
+    for ev in split_events(raw):
+        payload = data_of(ev)
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def chat_stream_text(chunks: list) -> tuple[str, list[str], dict | None]:
+    """(content, finish reasons, usage) of parsed chat chunks."""
+    text, finishes, usage = "", [], None
+    for ch in chunks:
+        if ch == "[DONE]":
+            continue
+        assert "error" not in ch, ch
+        for choice in ch["choices"]:
+            text += choice["delta"].get("content") or ""
+            if choice.get("finish_reason") is not None:
+                finishes.append(choice["finish_reason"])
+        if ch.get("usage"):
+            usage = ch["usage"]
+    return text, finishes, usage
