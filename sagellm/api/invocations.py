@@ -14,6 +14,8 @@ from sagellm.errors import BadRequest, ValidationError
 
 def native(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     """POST / and native /invocations: TGI's compat route (a one-element list, full text by default)."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
     default = ctx.settings.return_full_text
     if body.get("stream"):
         return tgi.generate_stream(ctx, body, full_text_default=default)

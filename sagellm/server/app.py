@@ -27,8 +27,8 @@ def _flavor_of(path: str, body, settings: Settings) -> str:
     if path.startswith("/v1/"):
         return "openai"
     if path == "/invocations":
-        if settings.messages_api_enabled:
-            return "openai"
+        if settings.messages_api_enabled is not None:
+            return "openai" if settings.messages_api_enabled else "tgi"
         if isinstance(body, dict) and "inputs" not in body and ("messages" in body or "prompt" in body):
             return "openai"
     return "tgi"
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     def generation(handler, flavor_hint: str | None = None):
         """Run a generation handler with auth, readiness, admission and error mapping."""
         t0 = time.monotonic()
-        path = request.path
+        path, request_id = request.path, g.request_id  # a stream outlives the request context
         body = None
         flavor = flavor_hint or "tgi"
         acquired = False
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             body = json_body(settings.payload_limit)
             flavor = flavor_hint or _flavor_of(request.path, body, settings)
             if settings.log_prompts:
-                log_request(id=g.request_id, route=path, body=body)
+                log_request(id=request_id, route=path, body=body)
             if runtime.state != "ready":
                 raise Unavailable(f"the model is not ready ({runtime.state})")
             if not admission.try_acquire():
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 admission.release()
                 metrics.in_flight.dec()
             metrics.failure.labels(err=exc.error_type).inc()
-            _log(path, exc.status, t0, error=exc.message)
+            _log(path, exc.status, t0, request_id, error=exc.message)
             return error_response(exc, flavor)
         except Exception as exc:  # our bug: log it, never send the traceback
             if acquired:
@@ -86,19 +86,19 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             log.exception("unhandled error on %s", request.path)
             metrics.failure.labels(err="internal").inc()
             return error_response(GenerationError(f"internal error ({type(exc).__name__}); "
-                                                  f"request id {g.request_id}"), flavor)
+                                                  f"request id {request_id}"), flavor)
 
         def done():
             admission.release()
             metrics.in_flight.dec()
             metrics.success.inc()
             metrics.duration.observe(time.monotonic() - t0)
-            _log(path, 200, t0)
+            _log(path, 200, t0, request_id)
 
         return to_flask(result, done)
 
-    def _log(path, status, t0, **extra):
-        log_request(id=getattr(g, "request_id", None), route=path, status=status,
+    def _log(path, status, t0, request_id, **extra):
+        log_request(id=request_id, route=path, status=status,
                     ms=round((time.monotonic() - t0) * 1000, 1), **extra)
 
     @app.before_request

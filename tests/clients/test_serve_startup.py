@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from conftest import free_port
@@ -87,13 +88,14 @@ class Proc:
         self._reader.join(5)
 
 
-def test_help_exits_0():
-    p = Proc(base_env(), args=[str(ROOT / "serve"), "--help"])
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["-h"]])
+def test_help_exits_0(args):
+    p = Proc(base_env(), args=args)
     rc = p.wait(30)
     assert rc == 0, p.output
     assert "serve" in p.output
     # and it neither read the settings nor started a server
-    assert "resolved configuration" not in p.output and "Listening" not in p.output, p.output
+    assert "model_id=" not in p.output and "Listening" not in p.output, p.output
 
 
 def test_bad_sm_num_gpus_exits_with_one_line():
