@@ -10,7 +10,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
 
-.PHONY: help install install-dev model run test test-unit test-fast clean
+.PHONY: help install install-dev model run test test-unit clean bench bench-peers
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
@@ -50,3 +50,11 @@ test-unit: install-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks: not tests. Figures are only comparable within one run (these machines are noisy).
+bench: install-dev model
+	$(BIN)/python bench/run.py
+
+bench-peers: install-dev model
+	bash bench/install_peers.sh
+	$(BIN)/python bench/run.py --peers vllm,llamacpp

@@ -29,8 +29,8 @@ class StepMetadata:
     cache: "PagedKVCache"  # noqa: F821 - engine.kv_cache
     slot_mapping: torch.Tensor  # [T] flat slot of every new token
     num_decode: int
-    decode_slots: torch.Tensor | None  # [B_decode, L_max] flat slots of each context (0-padded)
-    decode_mask: torch.Tensor | None  # [B_decode, 1, 1, L_max] bool, False on padding
+    decode_blocks: torch.Tensor | None  # [B_decode, NB] block table of each context (0-padded)
+    decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size] float32, -inf past each end
     prefills: list[PrefillChunk]
 
 
@@ -47,12 +47,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     outputs = []
     nd = meta.num_decode
     if nd:
-        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        k = k_cache[meta.decode_slots].permute(0, 2, 1, 3)  # [B, KVH, L, D]
-        v = v_cache[meta.decode_slots].permute(0, 2, 1, 3)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling,
-                                           enable_gqa=True)  # [B, H, 1, D]
-        outputs.append(o.squeeze(2))  # [B, H, D]
+        outputs.append(_decode_attention(query[0, :, :nd], k_cache, v_cache, meta, scaling))
     for chunk in meta.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         q = query[:, :, sl]  # [1, H, t, D]
@@ -67,6 +62,30 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         outputs.append(o[0].transpose(0, 1))  # [t, H, D]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
     return out.unsqueeze(0), None  # [1, T, H, D]
+
+
+def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch.Tensor:
+    """One query token per sequence. q: [H, B, D] -> [B, H, D].
+
+    Written out rather than SDPA: measured on CPU, SDPA's kernel for a single query row is 7-16x
+    slower than these two grouped matmuls (docs/performance.md), and whole-block index_select
+    gathers the context 6x faster than per-token indexing.
+    """
+    num_heads, batch, head_dim = q.shape
+    num_kv = k_cache.shape[1]
+    group = num_heads // num_kv
+    blocks = meta.decode_blocks  # [B, NB]
+    bs = meta.cache.block_size
+    length = blocks.shape[1] * bs
+    k = k_cache.view(-1, bs, num_kv, head_dim).index_select(0, blocks.view(-1))
+    v = v_cache.view(-1, bs, num_kv, head_dim).index_select(0, blocks.view(-1))
+    k = k.view(batch, length, num_kv, head_dim).transpose(1, 2)  # [B, KVH, L, D]
+    v = v.view(batch, length, num_kv, head_dim).transpose(1, 2)
+    qg = q.transpose(0, 1).reshape(batch, num_kv, group, head_dim)  # heads h = kv * group + g
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, KVH, G, L], softmax in fp32
+    probs = (scores + meta.decode_bias).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(batch, num_heads, head_dim)
 
 
 def register() -> None:

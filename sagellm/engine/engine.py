@@ -105,6 +105,8 @@ class LLMEngine:
         self.fatal_error: BaseException | None = None
         self.last_progress = time.monotonic()
         self.num_steps = 0
+        # Seconds spent per phase of a step, summed (bench/profile_step.py and /metrics read them).
+        self.phase_seconds = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample": 0.0, "output": 0.0}
 
     # ---- caller side (any thread) ----
 
@@ -173,24 +175,32 @@ class LLMEngine:
                 self._finish(seq, FinishReason.ABORTED)
 
     def step(self) -> None:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.phase_seconds["schedule"] += t1 - t0
         if not batch:
             # Nothing fits right now (all blocks taken by prefills in flight); try again shortly.
             self._wake.wait(0.01)
             self._wake.clear()
             return
         sampling = batch.sampling
+        phases = self.phase_seconds
         try:
             with torch.inference_mode():
-                logits = self.runner.run(batch)
+                logits = self.runner.run(batch, phases)
+                t2 = time.perf_counter()
                 samples = sample(logits, sampling, self.eos_token_ids)
         except Exception as exc:  # one bad step fails its requests, not the server
             log.exception("engine step failed")
             for seq in batch.decodes + [s for s, _ in batch.prefills]:
                 self._fail(seq, f"{type(exc).__name__}: {exc}")
             return
+        t3 = time.perf_counter()
+        phases["sample"] += t3 - t2
         for seq, s in zip(sampling, samples):
             self._append_token(seq, s)
+        phases["output"] += time.perf_counter() - t3
         self.num_steps += 1
         self.last_progress = time.monotonic()
 

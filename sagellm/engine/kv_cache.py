@@ -9,6 +9,11 @@ class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        # Blocks handed out for the first time hold uninitialised memory (the cache is allocated
+        # lazily, not zeroed); the runner zeroes them before use, since 0 * NaN is NaN even
+        # where attention masks a slot out.
+        self._high_water = 0
+        self.fresh: list[int] = []
 
     @property
     def num_free(self) -> int:
@@ -17,7 +22,17 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise MemoryError(f"KV cache full: need {n} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            if b >= self._high_water:
+                self.fresh.append(b)
+        if blocks:
+            self._high_water = max(self._high_water, max(blocks) + 1)
+        return blocks
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
@@ -40,6 +55,10 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def zero_blocks(self, blocks: torch.Tensor) -> None:
+        for layer in self.keys + self.values:
+            layer.view(self.num_blocks, self.block_size, *layer.shape[1:])[blocks] = 0
 
     @property
     def capacity_tokens(self) -> int:

@@ -6,6 +6,7 @@ runs the same forward on its shard of the weights (and its shard of the KV cache
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,10 @@ class StepInputs:
     num_sampled: int  # N, or 0 when no sequence samples this step
     slot_mapping: torch.Tensor  # [T]
     num_decode: int
-    decode_slots: torch.Tensor | None  # [B_decode, L_max]
-    decode_mask: torch.Tensor | None  # [B_decode, 1, 1, L_max]
+    decode_blocks: torch.Tensor | None  # [B_decode, NB]
+    decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size]
     prefills: list[PrefillChunk]
+    fresh_blocks: torch.Tensor | None = None  # blocks used for the first time: zero them first
 
 
 class ModelRunner:
@@ -51,21 +53,20 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         logit_rows: list[int] = []
 
-        decode_slots = decode_mask = None
+        decode_blocks = decode_bias = None
         if batch.decodes:
-            lengths = [seq.num_computed + 1 for seq in batch.decodes]
-            max_len = max(lengths)
-            decode_slots = torch.zeros(len(batch.decodes), max_len, dtype=torch.long)
-            decode_mask = torch.zeros(len(batch.decodes), 1, 1, max_len, dtype=torch.bool)
-            for i, seq in enumerate(batch.decodes):
-                n = lengths[i]
-                slots = self._slots(seq, 0, n)
-                decode_slots[i, :n] = slots
-                decode_mask[i, 0, 0, :n] = True
-                tokens.append(seq.all_ids[n - 1])
-                positions.append(torch.tensor([n - 1]))
-                slot_parts.append(slots[-1:])
-                logit_rows.append(i)
+            bs = self.block_size
+            lengths = torch.tensor([seq.num_computed + 1 for seq in batch.decodes])
+            num_blocks = -(-int(lengths.max()) // bs)
+            table = [seq.block_table[:num_blocks] for seq in batch.decodes]
+            decode_blocks = torch.tensor([t + [0] * (num_blocks - len(t)) for t in table], dtype=torch.long)
+            past_end = torch.arange(num_blocks * bs)[None, :] >= lengths[:, None]
+            decode_bias = torch.zeros(past_end.shape).masked_fill_(past_end, float("-inf"))[:, None, None, :]
+            last = lengths - 1  # position of the token fed this step
+            tokens.extend(seq.all_ids[int(n)] for seq, n in zip(batch.decodes, last))
+            positions.append(last)
+            slot_parts.append(decode_blocks.gather(1, (last // bs)[:, None])[:, 0] * bs + last % bs)
+            logit_rows.extend(range(len(batch.decodes)))
 
         prefills: list[PrefillChunk] = []
         for seq, n in batch.prefills:
@@ -86,31 +87,40 @@ class ModelRunner:
                 logit_rows.append(q_start + n - 1)
 
         keep = logit_rows or [len(tokens) - 1]  # the model wants at least one row
+        fresh = self.cache.allocator.take_fresh()
         return StepInputs(
             input_ids=torch.tensor([tokens], dtype=torch.long),
             position_ids=torch.cat(positions).unsqueeze(0),
             keep=torch.tensor(keep), num_sampled=len(logit_rows),
             slot_mapping=torch.cat(slot_parts), num_decode=len(batch.decodes),
-            decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefills)
+            decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
+            fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None)
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
         """float32 logits [step.num_sampled, vocab]. Runs on every rank."""
         dev = self.device
         to = (lambda t: None if t is None else t.to(dev, non_blocking=True))
+        if step.fresh_blocks is not None:
+            self.cache.zero_blocks(to(step.fresh_blocks))
         prefills = [PrefillChunk(c.q_start, c.q_len, c.ctx_len, to(c.slots), to(c.mask)) for c in step.prefills]
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
-                            decode_slots=to(step.decode_slots), decode_mask=to(step.decode_mask),
+                            decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
                             prefills=prefills)
         out = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
                          logits_to_keep=to(step.keep), sagellm_meta=meta)
         return out.logits[0, :step.num_sampled].float()
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, phases: dict[str, float] | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
         step = self.prepare(batch)
         if self.tp_group is not None:
             self.tp_group.broadcast_step(step)
+        t1 = time.perf_counter()
         logits = self.forward(step)
+        if phases is not None:
+            phases["prepare"] += t1 - t0
+            phases["forward"] += time.perf_counter() - t1
         # These tokens' K/V are now stored.
         for seq in batch.decodes:
             seq.num_computed += 1

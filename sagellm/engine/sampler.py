@@ -65,19 +65,20 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     for i, seq in enumerate(seqs):
         if seq.params.needs_penalties or seq.params.ignore_eos or seq.params.min_new_tokens:
             _apply_penalties(logits[i], seq, eos_ids)
-    logprobs = torch.log_softmax(logits, dim=-1)
+    # log-normaliser per row; full log_softmax only for rows that report alternatives.
+    lse = torch.logsumexp(logits, dim=-1)  # [N]
     chosen = torch.argmax(logits, dim=-1)  # greedy rows keep this
     for i, seq in enumerate(seqs):
         if seq.params.do_sample:
             probs = _warp(logits[i], seq).softmax(-1)
             chosen[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-    chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    chosen_lp = (logits.gather(1, chosen[:, None])[:, 0] - lse).tolist()
     chosen_ids = chosen.tolist()
     out = []
     for i, seq in enumerate(seqs):
         top: list[tuple[int, float]] = []
         if seq.params.top_n_tokens:
-            values, ids = torch.topk(logprobs[i], seq.params.top_n_tokens)
-            top = list(zip(ids.tolist(), values.tolist()))
+            values, ids = torch.topk(logits[i], seq.params.top_n_tokens)
+            top = list(zip(ids.tolist(), (values - lse[i]).tolist()))
         out.append(Sample(chosen_ids[i], chosen_lp[i], top))
     return out

@@ -56,6 +56,26 @@ def test_greedy_equals_transformers_generate(chat_ids, loaded_model, reference_m
         assert token_ids(engine.submit(ids, greedy(32))) == reference(reference_model, ids, 32)
 
 
+def test_bfloat16_greedy_equals_transformers_generate(chat_ids, loaded_model):
+    from transformers import AutoModelForCausalLM
+
+    from sagellm.model.loader import load_weights
+    from sagellm.settings import Settings
+
+    model = load_weights(loaded_model.source.path, Settings(dtype="bfloat16"), "cpu")
+    ref = AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=torch.bfloat16).eval()
+    engine = LLMEngine(model, loaded_model.tokenizer,
+                       EngineConfig(max_batch_size=8, max_prefill_tokens=512, max_total_tokens=2048,
+                                    num_kv_blocks=256), loaded_model.eos_token_ids)
+    engine.start()
+    try:
+        for q in QUESTIONS[:2]:
+            ids = chat_ids(q)
+            assert token_ids(engine.submit(ids, greedy(24))) == reference(ref, ids, 24)
+    finally:
+        engine.stop()
+
+
 def test_batched_equals_single_and_generate(chat_ids, loaded_model, reference_model, engine):
     prompts = [chat_ids(q) for q in QUESTIONS]
     expected = [reference(reference_model, p, 24) for p in prompts]
