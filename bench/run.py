@@ -49,7 +49,7 @@ def server_command(name: str, port: int, folder: Path) -> tuple[list[str], dict,
         py = ROOT / ".venv-vllm" / "bin" / "python"
         return ([str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                  "--served-model-name", "smollm2", "--dtype", "bfloat16", "--port", str(port),
-                 "--max-model-len", "8192", "--disable-log-requests"],
+                 "--max-model-len", "8192"],
                 {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}, "min_tokens")
     if name == "llamacpp":
         import importlib.util

@@ -32,7 +32,7 @@ def _stops(value) -> list[str]:
 
 
 def _sampling(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs_name: str,
-              top_n: int = 0):
+              top_n: int = 0, logprobs: bool = False):
     stop = _stops(req.stop)
     requested = next((v for v in (req.max_completion_tokens, req.max_tokens, req.max_new_tokens)
                       if v is not None), None)
@@ -58,7 +58,8 @@ def _sampling(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs
                         temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                         repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                         presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, logit_bias=bias,
-                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n)
+                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n,
+                        logprobs=logprobs)
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -107,7 +108,7 @@ def prepare_chat(ctx: ServingContext, body):
     prompt = ctx.render_chat(messages, add_generation_prompt=not cont, continue_final_message=cont,
                              kwargs=req.chat_template_kwargs)
     ids = ctx.encode_chat(prompt)
-    params = _sampling(ctx, req, len(ids), "messages", top_n)
+    params = _sampling(ctx, req, len(ids), "messages", top_n, logprobs=bool(req.logprobs))
     return req, ids, params
 
 

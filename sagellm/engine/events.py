@@ -31,7 +31,7 @@ class TokenEvent:
     index: int
     token_id: int
     text: str
-    logprob: float
+    logprob: float | None  # None unless the request asked for logprobs
     special: bool
     delta: str
     top_tokens: list[TopToken] = field(default_factory=list)

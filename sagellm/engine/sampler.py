@@ -17,7 +17,7 @@ from sagellm.engine.sequence import Sequence
 @dataclass
 class Sample:
     token_id: int
-    logprob: float
+    logprob: float | None  # None when the request did not ask for logprobs
     top: list[tuple[int, float]]  # (token_id, logprob), best first
 
 
@@ -65,20 +65,26 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     for i, seq in enumerate(seqs):
         if seq.params.needs_penalties or seq.params.ignore_eos or seq.params.min_new_tokens:
             _apply_penalties(logits[i], seq, eos_ids)
-    # log-normaliser per row; full log_softmax only for rows that report alternatives.
-    lse = torch.logsumexp(logits, dim=-1)  # [N]
     chosen = torch.argmax(logits, dim=-1)  # greedy rows keep this
     for i, seq in enumerate(seqs):
         if seq.params.do_sample:
             probs = _warp(logits[i], seq).softmax(-1)
             chosen[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-    chosen_lp = (logits.gather(1, chosen[:, None])[:, 0] - lse).tolist()
     chosen_ids = chosen.tolist()
+    # Log-normalisers only for the rows that report logprobs: a pass over 49k+ logits per row
+    # is a measurable share of a large batch's step (docs/performance.md).
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]
+    lse = {}
+    if rows:
+        idx = torch.tensor(rows)
+        sub = logits.index_select(0, idx)
+        lse = dict(zip(rows, torch.logsumexp(sub, dim=-1).tolist()))
+        picked = dict(zip(rows, sub.gather(1, chosen.index_select(0, idx)[:, None])[:, 0].tolist()))
     out = []
     for i, seq in enumerate(seqs):
         top: list[tuple[int, float]] = []
         if seq.params.top_n_tokens:
             values, ids = torch.topk(logits[i], seq.params.top_n_tokens)
-            top = list(zip(ids.tolist(), (values - lse[i]).tolist()))
-        out.append(Sample(chosen_ids[i], chosen_lp[i], top))
+            top = [(t, v - lse[i]) for t, v in zip(ids.tolist(), values.tolist())]
+        out.append(Sample(chosen_ids[i], picked[i] - lse[i] if i in lse else None, top))
     return out

@@ -24,6 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_new_tokens: int = 0
     top_n_tokens: int = 0  # alternatives reported per generated token
+    logprobs: bool = True  # report each token's logprob (costs a pass over the vocabulary)
     deadline: float | None = None  # time.monotonic() after which the request ends with `length`
     extra: dict = field(default_factory=dict, compare=False)
 

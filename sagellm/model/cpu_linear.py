@@ -1,0 +1,45 @@
+"""oneDNN-packed linear layers for bfloat16 on CPU.
+
+Measured on this project's 2-core machines (docs/performance.md): the same bf16 matmuls run about
+2x faster at batch 1 (3.4x for the 49152-wide lm_head) and 1.5x at batch 64 once the weights are
+reordered into oneDNN's blocked layout, with bit-identical results. transformers' modules stay as
+they are; only each nn.Linear's weight layout and kernel change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def available(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every bf16 nn.Linear for a PackedLinear; returns how many were swapped."""
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+                swaps.append((parent, name, child))
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child))
+    return len(swaps)
