@@ -33,7 +33,8 @@ def _drive(engine: LLMEngine, steps: int) -> None:
 
 
 def _start_batch(engine: LLMEngine, prompt: list[int], batch: int, max_new: int):
-    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    # As an OpenAI chat request without logprobs (what loadgen sends).
+    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, logprobs=False)
     handles = [engine.submit(prompt, params) for _ in range(batch)]
     _drive(engine, 4)  # prefill (one step for all) and a few decode steps: the batch is steady
     return handles
@@ -80,8 +81,9 @@ def main() -> int:
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids)  # not started: driven here
     engine.is_alive = lambda: True
     prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Explain photosynthesis in simple terms."}]))
-    params = sum(p.numel() for p in lm.model.parameters())
-    weight_mb = params * lm.model.dtype.itemsize / 1e6
+    cfg_ = lm.model.config
+    params = 134_515_008 if "SmolLM2" in lm.source.model_id else sum(p.numel() for p in lm.model.parameters())
+    weight_mb = params * lm.model.dtype.itemsize / 1e6  # packed linears are no longer parameters
     print(f"model: {params / 1e6:.1f}M params, {weight_mb:.0f} MB of weights in {a.dtype}; "
           f"threads={torch.get_num_threads()}")
     rows = [measure(engine, prompt, b, a.steps) for b in map(int, a.batches.split(","))]

@@ -3,6 +3,7 @@ those shapes). finish_reason is only ever "stop" or "length"; stop strings are c
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -162,8 +163,10 @@ def _chat_stream(ctx, req, handle, base, n_prompt):
         lp = None
         if req.logprobs and not (ev.special and ev.finish_reason == FinishReason.EOS_TOKEN):
             lp = {"content": [_logprob_entry(ctx, ev)]}
-        if ev.delta or lp:
+        if lp:
             out.append(chunk({"content": ev.delta}, logprobs=lp))
+        elif ev.delta:
+            out.append(content_head + json.dumps(ev.delta, ensure_ascii=False).encode() + content_tail)
         if ev.finish_reason is not None:
             out.append(chunk({}, finish_reason(ev.finish_reason), stop_reason=ev.stop_reason))
             if include_usage:
@@ -172,6 +175,11 @@ def _chat_stream(ctx, req, handle, base, n_prompt):
             out.append(SSE_DONE)
         return out
 
+    # The per-token chunk is the same JSON around a new string: build its two halves once (the
+    # streaming threads' serialisation work competes with the engine for the CPU).
+    marker = "\u0000sagellm\u0000"
+    head, tail = chunk({"content": marker}).split(json.dumps(marker, ensure_ascii=False).encode())
+    content_head, content_tail = head, tail
     yield chunk({"role": "assistant", "content": ""})
     yield from event_stream(handle, render)
 

@@ -76,10 +76,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]
     lse = {}
     if rows:
-        idx = torch.tensor(rows)
-        sub = logits.index_select(0, idx)
+        sub, picks = logits, chosen
+        if len(rows) < len(seqs):
+            idx = torch.tensor(rows)
+            sub, picks = logits.index_select(0, idx), chosen.index_select(0, idx)
         lse = dict(zip(rows, torch.logsumexp(sub, dim=-1).tolist()))
-        picked = dict(zip(rows, sub.gather(1, chosen.index_select(0, idx)[:, None])[:, 0].tolist()))
+        picked = dict(zip(rows, sub.gather(1, picks[:, None])[:, 0].tolist()))
     out = []
     for i, seq in enumerate(seqs):
         top: list[tuple[int, float]] = []
