@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.engine.attention import PrefillChunk, StepMetadata
+from sagellm.engine.attention import PrefillChunk, StepMetadata, paged_attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.scheduler import ScheduledBatch
 from sagellm.engine.sequence import Sequence
@@ -107,6 +107,10 @@ class ModelRunner:
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
                             prefills=prefills)
+        fast = getattr(self.model, "sagellm_fast", None)
+        if fast is not None:  # sagellm.model.fast_decoder: same arithmetic, less Python
+            logits = fast(to(step.input_ids), to(step.position_ids), to(step.keep), paged_attention, meta)
+            return logits[:step.num_sampled].float()
         out = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
                          logits_to_keep=to(step.keep), sagellm_meta=meta)
         return out.logits[0, :step.num_sampled].float()

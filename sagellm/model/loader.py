@@ -12,7 +12,7 @@ import torch
 from sagellm.engine import attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.errors import ModelLoadError, SettingsError
-from sagellm.model import cpu_linear
+from sagellm.model import cpu_linear, fast_decoder
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.resolve import ModelSource, resolve_model
 from sagellm.settings import Settings
@@ -96,7 +96,9 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
         raise _load_error(path, exc) from exc
     if not tp:
         model.to(device)
-        if device == "cpu" and cpu_linear.available(model.dtype):
+        if fast_decoder.eligible(model):
+            model.sagellm_fast = fast_decoder.FastDecoder(model)
+        elif device == "cpu" and cpu_linear.available(model.dtype):
             cpu_linear.pack_linears(model)
     return model.eval()
 
