@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.settings import Settings
@@ -35,9 +35,6 @@ class ServingContext:
     # text -> [(id, char_start, char_end)] with the tokenizer's own special tokens
     tokenize_offsets: Callable[[str], list[tuple[int, int, int]]]
     decode: Callable[[list[int]], str]  # skips special tokens
-    token_text: Callable[[int], str]  # one token's literal text, special tokens kept
     render_chat: Callable[..., str]  # messages, tools=, add_generation_prompt=, continue_final_message=, kwargs=
     encode_chat: Callable[[str], list[int]]  # rendered prompt -> ids with exactly one BOS
     submit: Callable[[list[int], SamplingParams], Handle]
-    special_ids: frozenset[int] = frozenset()
-    extra: dict[str, Any] | None = None

@@ -60,9 +60,5 @@ class PagedKVCache:
         for layer in self.keys + self.values:
             layer.view(self.num_blocks, self.block_size, *layer.shape[1:])[blocks] = 0
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,6 @@ class SamplingParams:
     top_n_tokens: int = 0  # alternatives reported per generated token
     logprobs: bool = True  # report each token's logprob (costs a pass over the vocabulary)
     deadline: float | None = None  # time.monotonic() after which the request ends with `length`
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def needs_penalties(self) -> bool:

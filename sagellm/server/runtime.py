@@ -36,11 +36,6 @@ class Runtime:
         t.start()
         return t
 
-    def load(self) -> None:
-        self._load(exit_on_failure=False)
-        if self.state != "ready":
-            raise RuntimeError(self.error)
-
     def _load(self, exit_on_failure: bool) -> None:
         try:
             self._build()
@@ -120,7 +115,6 @@ class Runtime:
 
 def make_context(settings: Settings, lm, engine) -> ServingContext:
     tok = lm.tokenizer
-    special = frozenset(tok.all_special_ids)
 
     def tokenize(text: str, add_special: bool) -> list[int]:
         return tok(text, add_special_tokens=add_special).input_ids
@@ -137,6 +131,5 @@ def make_context(settings: Settings, lm, engine) -> ServingContext:
         max_batch_total_tokens=lim.max_batch_total_tokens, max_batch_size=lim.max_batch_size,
         tokenize=tokenize, tokenize_offsets=offsets,
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-        token_text=lambda i: tok.decode([i], skip_special_tokens=False),
         render_chat=lambda messages, **kw: lm.chat.render(messages, **kw),
-        encode_chat=lm.chat.encode, submit=engine.submit, special_ids=special)
+        encode_chat=lm.chat.encode, submit=engine.submit)

@@ -82,7 +82,6 @@ def make_ctx(settings: Settings, engine: FakeEngine) -> ServingContext:
         tokenize=tokenize,
         tokenize_offsets=lambda text: [(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)],
         decode=lambda ids: "".join(VOCAB.get(i, "") for i in ids),
-        token_text=lambda i: VOCAB.get(i, ""),
         render_chat=lambda messages, **kw: " ".join(m["content"] for m in messages),
         encode_chat=lambda prompt: tokenize(prompt),
         submit=engine.submit,
