@@ -1,0 +1,1 @@
+"""Deployment tools: the local SageMaker runtime emulator (more to come: ECR, endpoints)."""
