@@ -134,3 +134,20 @@ def test_sdk_predictor_predict_stream_works_locally(server):
         assert lines[-1] == b"data: [DONE]" and len(lines) > 3
     finally:
         emu.shutdown()
+
+
+def test_deploy_cli_invokes_through_the_emulator(server, capsys, monkeypatch):
+    from deploy import endpoint
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")  # signed but never checked
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    emu, url = start(server.url)
+    try:
+        args = ["--region", "us-east-1", "invoke", "--name", "sagellm", "--endpoint-url", url, "--body", json.dumps(CHAT)]
+        assert endpoint.main(args) == 0
+        assert json.loads(capsys.readouterr().out)["object"] == "chat.completion"
+        assert endpoint.main(args + ["--stream"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == "data: [DONE]"
+    finally:
+        emu.shutdown()
