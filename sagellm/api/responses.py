@@ -14,6 +14,15 @@ class JsonResponse:
 
 
 @dataclass
+class RawResponse:
+    """Bytes or text as a custom output_fn made them."""
+
+    body: bytes | str
+    content_type: str = "application/json"
+    status: int = 200
+
+
+@dataclass
 class StreamResponse:
     chunks: Iterator[bytes]  # each one complete SSE event (or keep-alive comment)
     headers: dict[str, str] = field(default_factory=dict)

@@ -16,7 +16,7 @@ from sagellm.api import invocations as inv
 from sagellm.api import openai, tgi
 from sagellm.errors import (GenerationError, NotFound, Overloaded, SagellmError, Unauthorized,
                             Unavailable)
-from sagellm.server.http import Admission, WatchedHandle, error_response, json_body, to_flask
+from sagellm.server.http import Admission, WatchedHandle, error_response, json_body, raw_body, to_flask
 from sagellm.server.metrics import Metrics, log_request
 from sagellm.server.runtime import Runtime
 from sagellm.settings import Settings
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     admission = Admission(settings.max_concurrent_requests)
     metrics = Metrics()
 
-    def generation(handler, flavor_hint: str | None = None):
+    def generation(handler, flavor_hint: str | None = None, raw: bool = False):
         """Run a generation handler with auth, readiness, admission and error mapping."""
         t0 = time.monotonic()
         path, request_id = request.path, g.request_id  # a stream outlives the request context
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 auth = request.headers.get("Authorization", "")
                 if auth.lower() != f"bearer {settings.api_key}".lower():
                     raise Unauthorized("missing or wrong `Authorization: Bearer` API key")
-            body = json_body(settings.payload_limit)
+            body = raw_body(settings.payload_limit) if raw else json_body(settings.payload_limit)
             flavor = flavor_hint or _flavor_of(request.path, body, settings)
             if settings.log_prompts:
                 log_request(id=request_id, route=path, body=body)
@@ -129,7 +129,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     # ---- generation ----
 
-    app.add_url_rule("/invocations", "invocations", lambda: generation(inv.invocations), methods=["POST"])
+    def invocations():
+        handlers = getattr(runtime, "handlers", None)
+        if handlers is not None and handlers.active:  # the model's code/inference.py
+            return generation(lambda c, body: handlers.invoke(c, body, request.mimetype, request.headers.get(
+                "Accept", "application/json")), "tgi", raw=True)
+        return generation(inv.invocations)
+
+    app.add_url_rule("/invocations", "invocations", invocations, methods=["POST"])
     app.add_url_rule("/", "compat", lambda: generation(inv.native, "tgi"), methods=["POST"])
     app.add_url_rule("/generate", "generate",
                      lambda: generation(lambda c, b: tgi.generate(c, b, full_text_default=False), "tgi"),

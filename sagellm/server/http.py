@@ -10,7 +10,7 @@ import threading
 
 from flask import Response, request
 
-from sagellm.api.responses import JsonResponse, StreamResponse
+from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
 from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, UnsupportedMediaType
 
 _JSON_LIKE = ("application/json", "text/plain", "application/octet-stream", "")
@@ -101,7 +101,21 @@ class WatchedHandle:
         self._handle.abort()
 
 
-def to_flask(result: JsonResponse | StreamResponse, on_close) -> Response:
+def raw_body(limit: int) -> bytes:
+    """The request body as bytes (custom input_fn decides what it means)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds PAYLOAD_LIMIT={limit} bytes")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"request body exceeds PAYLOAD_LIMIT={limit} bytes")
+    return raw
+
+
+def to_flask(result: JsonResponse | RawResponse | StreamResponse, on_close) -> Response:
+    if isinstance(result, RawResponse):
+        on_close()
+        return Response(result.body, status=result.status, content_type=result.content_type)
     if isinstance(result, JsonResponse):
         on_close()
         if result.body is None:

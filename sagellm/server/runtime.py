@@ -26,6 +26,7 @@ class Runtime:
         self.ctx: ServingContext | None = None
         self.engine = None
         self.loaded = None
+        self.handlers = None  # sagellm.server.handlers.Handlers once ready
         self.started = time.monotonic()
         self.ready_at: float | None = None
 
@@ -75,6 +76,9 @@ class Runtime:
             raise RuntimeError(f"warm-up generation failed: {events[-1].error if events else 'no output'}")
         self.engine = engine
         self.ctx = make_context(self.settings, lm, engine)
+        from sagellm.server.handlers import Handlers
+
+        self.handlers = Handlers(self.settings.model_dir, self.ctx)
         if lm.tp is not None:
             threading.Thread(target=self._watch_ranks, name="sagellm-ranks", daemon=True).start()
 
