@@ -19,12 +19,7 @@ _JSON_LIKE = ("application/json", "text/plain", "application/octet-stream", "")
 def json_body(limit: int):
     """The request's JSON, accepting a charset parameter, a missing Content-Type, text/plain or
     octet-stream when the body parses (SageMaker clients send all of these)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes exceeds PAYLOAD_LIMIT={limit} bytes")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"request body exceeds PAYLOAD_LIMIT={limit} bytes")
+    raw = raw_body(limit)
     mime = (request.mimetype or "").lower()
     jsonish = mime in _JSON_LIKE or mime.endswith("+json")
     try:
