@@ -81,7 +81,6 @@ def main() -> int:
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids)  # not started: driven here
     engine.is_alive = lambda: True
     prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Explain photosynthesis in simple terms."}]))
-    cfg_ = lm.model.config
     params = 134_515_008 if "SmolLM2" in lm.source.model_id else sum(p.numel() for p in lm.model.parameters())
     weight_mb = params * lm.model.dtype.itemsize / 1e6  # packed linears are no longer parameters
     print(f"model: {params / 1e6:.1f}M params, {weight_mb:.0f} MB of weights in {a.dtype}; "

@@ -91,7 +91,7 @@ class TPGroup:
     def send(self, obj) -> None:
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self._comm_device())
-        
+
     def broadcast_step(self, step) -> None:
         self.send(("step", step))
 

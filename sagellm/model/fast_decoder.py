@@ -9,7 +9,6 @@ machines, transformers' module overhead was about half of a batch-1 decode step
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 
 import torch
@@ -18,7 +17,6 @@ from torch import nn
 
 from sagellm.model import cpu_linear
 
-log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -36,26 +34,23 @@ def eligible(model: nn.Module) -> bool:
         type(getattr(first.mlp, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj"))
 
 
-class _Linear(nn.Module):
-    """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU."""
-
+class _PlainLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.packed = None
-        if weight.device.type == "cpu" and cpu_linear.available(weight.dtype):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-            self.weight = None
-        else:
-            self.weight = weight
-        self.bias = bias
+        self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def _fuse(*linears: nn.Linear) -> _Linear:
+def _Linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU."""
+    if weight.device.type == "cpu" and cpu_linear.available(weight.dtype):
+        return cpu_linear.PackedLinear(weight, bias)
+    return _PlainLinear(weight, bias)
+
+
+def _fuse(*linears: nn.Linear) -> nn.Module:
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
     biases = [lin.bias for lin in linears]
     bias = None if all(b is None for b in biases) else torch.cat(

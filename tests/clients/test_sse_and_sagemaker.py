@@ -9,7 +9,7 @@ import re
 import pytest
 import requests
 
-from helpers import (TIMEOUT, chat_body, chat_stream_text, data_of, openai_stream_json, post, read_stream,
+from helpers import (chat_body, chat_stream_text, data_of, openai_stream_json, post, read_stream,
                      split_events)
 
 PROMPT = "The capital of France is"
