@@ -10,6 +10,8 @@ export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
+CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
+  tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py
 
 .PHONY: help install install-dev model run test test-unit clean bench bench-peers gpu-carry docker base-image image image-gpu image-test
 
@@ -45,6 +47,8 @@ run: install model
 
 test: install-dev model
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	@if $(MAKE) -s docker > /tmp/sagellm-docker.log 2>&1; then $(MAKE) image-test; \
+	 else echo "docker cannot be started on this machine (/tmp/sagellm-docker.log): image-test not run"; fi
 
 test-unit: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/unit
@@ -89,6 +93,7 @@ build/wheels/.done: requirements.txt $(RUNTIME_STAMP)
 
 image: base-image build/wheels/.done
 	docker build -f container/Dockerfile -t sagellm:cpu .
+	docker image prune -f --filter label=com.sagellm.stage=final >/dev/null
 
 # The production image: CUDA base, CUDA torch from the index (not built on this CPU machine).
 image-gpu: docker
@@ -96,5 +101,7 @@ image-gpu: docker
 	docker build -f container/Dockerfile --build-arg BASE_IMAGE=$(GPU_BASE) \
 	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" -t sagellm:gpu .
 
-image-test: install-dev image
+# The image as SageMaker runs it, then the client tests against the image instead of a local process.
+image-test: install-dev model image
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m container tests/container
+	HF_HUB_OFFLINE=1 SAGELLM_TEST_IMAGE=sagellm:cpu $(BIN)/python -m pytest $(CLIENT_TESTS_ON_IMAGE)

@@ -77,10 +77,66 @@ class Server:
         return self.proc.returncode
 
 
+def docker(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, **kw)
+
+
+class ImageServer:
+    """`docker run IMAGE serve`, as SageMaker starts it; the same interface as Server."""
+
+    def __init__(self, image: str, *run_args: str, env: dict[str, str] | None = None, port: int = 8080,
+                 wait: bool = True, timeout: float = 120):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
+        self.id = docker("run", "-d", "-p", f"127.0.0.1:{self.port}:{port}", *env_args, *run_args,
+                         image, "serve", check=True).stdout.strip()
+        self.started = time.monotonic()
+        self.ready_after: float | None = None
+        if wait:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if docker("inspect", "-f", "{{.State.Running}}", self.id).stdout.strip() != "true":
+                raise RuntimeError(f"container exited:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
+                    self.ready_after = time.monotonic() - self.started
+                    return self.ready_after
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"container not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        out = docker("logs", self.id)
+        return (out.stdout + out.stderr)[-5000:]
+
+    def stop(self, timeout: float = 30) -> tuple[float, int]:
+        """(seconds `docker stop` took, the exit code); the container is removed."""
+        t = time.monotonic()
+        docker("stop", "-t", str(int(timeout)), self.id)
+        elapsed = time.monotonic() - t
+        code = int(docker("inspect", "-f", "{{.State.ExitCode}}", self.id).stdout.strip() or -1)
+        docker("rm", "-f", self.id)
+        return elapsed, code
+
+
+# SAGELLM_TEST_IMAGE=sagellm:cpu runs the client tests against the image instead of a local
+# process (`make image-test`). DTYPE travels along so exact-equality tests still hold.
+TEST_IMAGE = os.environ.get("SAGELLM_TEST_IMAGE")
+
+
 @pytest.fixture(scope="session")
 def server():
     """The bundled model behind real gunicorn, default settings, shared by the client tests."""
-    srv = Server(env={"MAX_CONCURRENT_REQUESTS": "32"})
+    env = {"MAX_CONCURRENT_REQUESTS": "32"}
+    if TEST_IMAGE:
+        srv = ImageServer(TEST_IMAGE, env={**env, "DTYPE": os.environ["DTYPE"]})
+    else:
+        srv = Server(env=env)
     yield srv
     srv.stop()
 

@@ -34,8 +34,9 @@ def gguf_path() -> Path:
     return path
 
 
-def bundled_model_dir(cache_dir: str | None = None) -> Path:
-    """The converted folder, converting on first use. Safe when several processes start at once."""
+def bundled_model_dir(cache_dir: str | None = None, dtype: str | None = None) -> Path:
+    """The converted folder, converting on first use. Safe when several processes start at once.
+    `dtype` ("bfloat16") stores the weights smaller, as the image does; float32 by default."""
     root = default_cache_dir(cache_dir)
     target = root / _FOLDER
     if (target / "config.json").is_file():
@@ -44,11 +45,12 @@ def bundled_model_dir(cache_dir: str | None = None) -> Path:
     with open(root / f".{_FOLDER}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").is_file():
-            _convert(gguf_path(), target)
+            _convert(gguf_path(), target, dtype)
     return target
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def _convert(gguf: Path, target: Path, dtype: str | None = None) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting the bundled model %s to safetensors in %s (once)", gguf.name, target)
@@ -62,13 +64,20 @@ def _convert(gguf: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = NAME
+    if dtype:
+        model.to(getattr(torch, dtype))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
 
 
-if __name__ == "__main__":  # `python -m sagellm.model.bundled`: convert now, print the folder
+if __name__ == "__main__":  # `python -m sagellm.model.bundled [--dtype bfloat16]`: convert now, print the folder
+    import argparse
+
     from sagellm.settings import Settings
 
+    parser = argparse.ArgumentParser(description="Convert the bundled GGUF model once into the cache.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the stored weights' type (default float32; the image stores bfloat16)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(bundled_model_dir(Settings.from_env().cache_dir))
+    print(bundled_model_dir(Settings.from_env().cache_dir, parser.parse_args().dtype))

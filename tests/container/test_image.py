@@ -4,18 +4,18 @@ Opt-in by marker (`make image-test`): needs dockerd and the sagellm:cpu image.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-import time
 
 import pytest
 import requests
 from openai import OpenAI
 
-from conftest import free_port
+from conftest import ImageServer, docker
 
 pytestmark = pytest.mark.container
-IMAGE = "sagellm:cpu"
+IMAGE = os.environ.get("SAGELLM_TEST_IMAGE", "sagellm:cpu")
 CUSTOM = '''
 import json
 def input_fn(input_data, content_type):
@@ -26,36 +26,9 @@ def output_fn(prediction, accept):
 '''
 
 
-def docker(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, **kw)
-
-
-class Container:
+class Container(ImageServer):
     def __init__(self, *run_args: str, port: int = 8080):
-        self.host_port = free_port()
-        out = docker("run", "-d", "-p", f"127.0.0.1:{self.host_port}:{port}", *run_args, IMAGE, "serve", check=True)
-        self.id = out.stdout.strip()
-        self.url = f"http://127.0.0.1:{self.host_port}"
-        self.started = time.monotonic()
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(docker("logs", self.id).stdout[-3000:])
-
-    def stop(self) -> tuple[float, int]:
-        t = time.monotonic()
-        docker("stop", "-t", "30", self.id)
-        elapsed = time.monotonic() - t
-        code = int(docker("inspect", "-f", "{{.State.ExitCode}}", self.id).stdout.strip())
-        docker("rm", "-f", self.id)
-        return elapsed, code
+        super().__init__(IMAGE, *run_args, port=port, wait=False)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +72,7 @@ def test_model_mounted_at_opt_ml_model_with_custom_handlers_and_bind_port(tmp_pa
         c.wait_ready()
         r = requests.post(c.url + "/invocations", json={"question": "What is the capital of France?"}, timeout=60)
         assert r.status_code == 200 and set(r.json()) == {"answer"}
-        assert "(sagemaker, /opt/ml/model)" in docker("logs", c.id).stderr + docker("logs", c.id).stdout
+        assert "(sagemaker, /opt/ml/model)" in c.log()
     finally:
         c.stop()
 
