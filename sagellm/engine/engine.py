@@ -17,11 +17,11 @@ import torch
 
 from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.kv_cache import PagedKVCache
-from sagellm.engine.runner import ModelRunner
+from sagellm.engine.runner import ModelRunner, PromptLogprobRows
 from sagellm.engine.sampler import sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.events import FinishReason, TokenEvent, TopToken
+from sagellm.engine.events import FinishReason, PromptToken, TokenEvent, TopToken
 from sagellm.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class LLMEngine:
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._by_id: dict[str, Sequence] = {}
+        # request id -> logprob of each prompt token (index p scored from tokens 0 .. p - 1), filled
+        # chunk by chunk and handed out with the request's first token.
+        self._prompt_logprobs: dict[str, list[float | None]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -188,9 +191,11 @@ class LLMEngine:
         phases = self.phase_seconds
         try:
             with torch.inference_mode():
-                logits = self.runner.run(batch, phases)
+                logits, prompt_rows = self.runner.run(batch, phases)
                 t2 = time.perf_counter()
-                samples = sample(logits, sampling, self.eos_token_ids)
+                if prompt_rows:
+                    self._keep_prompt_logprobs(logits[len(sampling):], prompt_rows)
+                samples = sample(logits[:len(sampling)], sampling, self.eos_token_ids)
         except Exception as exc:  # one bad step fails its requests, not the server
             log.exception("engine step failed")
             for seq in batch.decodes + [s for s, _ in batch.prefills]:
@@ -203,6 +208,26 @@ class LLMEngine:
         phases["output"] += time.perf_counter() - t3
         self.num_steps += 1
         self.last_progress = time.monotonic()
+
+    def _keep_prompt_logprobs(self, logits: torch.Tensor, rows: list[PromptLogprobRows]) -> None:
+        """logits: [R, vocab] float32, R = sum of rows' counts. Stored by position, so the same
+        positions computed again (a preempted prefill) overwrite rather than repeat."""
+        targets = torch.tensor([t for r in rows for t in r.seq.prompt_ids[r.start + 1:r.start + 1 + r.count]],
+                               device=logits.device)
+        logprobs = (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+        offset = 0
+        for r in rows:
+            store = self._prompt_logprobs.setdefault(r.seq.request_id, [None] * len(r.seq.prompt_ids))
+            store[r.start + 1:r.start + 1 + r.count] = logprobs[offset:offset + r.count]
+            offset += r.count
+
+    def _take_prompt_logprobs(self, seq: Sequence) -> list[PromptToken] | None:
+        if not seq.params.prompt_logprobs:
+            return None
+        logprobs = self._prompt_logprobs.pop(seq.request_id, None) or [None] * len(seq.prompt_ids)
+        texts = self.tokenizer.batch_decode([[t] for t in seq.prompt_ids], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return [PromptToken(t, text, lp) for t, text, lp in zip(seq.prompt_ids, texts, logprobs)]
 
     def _append_token(self, seq: Sequence, s) -> None:
         p = seq.params
@@ -228,8 +253,9 @@ class LLMEngine:
             delta += seq.stop_matcher.flush()
         top = [TopToken(t, self.tokenizer.decode([t], skip_special_tokens=False), lp,
                         t in self.special_ids) for t, lp in s.top]
+        prompt = self._take_prompt_logprobs(seq) if len(seq.output_ids) == 1 else None
         seq.events.put(TokenEvent(len(seq.output_ids), s.token_id, text, s.logprob, special, delta,
-                                  top, finish, stop_reason))
+                                  top, finish, stop_reason, prompt_logprobs=prompt))
         if finish is not None:
             self._finish(seq, finish, emit=False)
 
@@ -238,6 +264,7 @@ class LLMEngine:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
         self._by_id.pop(seq.request_id, None)
+        self._prompt_logprobs.pop(seq.request_id, None)
         if emit:
             seq.events.put(TokenEvent(len(seq.output_ids), -1, "", 0.0, True, "", [], reason,
                                       None, error))

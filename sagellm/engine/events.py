@@ -23,6 +23,16 @@ class TopToken:
 
 
 @dataclass
+class PromptToken:
+    """One prompt token with the logprob the model gave it from the tokens before it (None for
+    the first, which has no context)."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+
+
+@dataclass
 class TokenEvent:
     """One generated token. `text` is the token's own text (special tokens kept, TGI style);
     `delta` is the content text that became final with this token (stop strings withheld and
@@ -38,3 +48,5 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended generation
     error: str | None = None
+    # Every prompt token, on the first event of a request with SamplingParams.prompt_logprobs.
+    prompt_logprobs: list[PromptToken] | None = None

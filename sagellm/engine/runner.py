@@ -31,6 +31,19 @@ class StepInputs:
     decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size]
     prefills: list[PrefillChunk]
     fresh_blocks: torch.Tensor | None = None  # blocks used for the first time: zero them first
+    # Rows of `keep` after the N sampled ones: prompt positions whose next-token logprob a
+    # request asked for (TGI's decoder_input_details). 0 unless asked, so no cost otherwise.
+    num_prompt_logprobs: int = 0
+
+
+@dataclass
+class PromptLogprobRows:
+    """Which sequence the extra logits rows of one prefill chunk belong to: `count` rows for
+    positions start .. start + count - 1, row p scoring the prompt token at p + 1."""
+
+    seq: Sequence
+    start: int
+    count: int
 
 
 class ModelRunner:
@@ -47,7 +60,7 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[PromptLogprobRows]]:
         tokens: list[int] = []
         positions: list[torch.Tensor] = []
         slot_parts: list[torch.Tensor] = []
@@ -69,6 +82,8 @@ class ModelRunner:
             logit_rows.extend(range(len(batch.decodes)))
 
         prefills: list[PrefillChunk] = []
+        prompt_rows: list[PromptLogprobRows] = []
+        extra_rows: list[int] = []
         for seq, n in batch.prefills:
             start = seq.num_computed
             q_start = len(tokens)
@@ -85,8 +100,17 @@ class ModelRunner:
                 prefills.append(PrefillChunk(q_start, n, start, slots, mask))
             if start + n == seq.num_tokens:
                 logit_rows.append(q_start + n - 1)
+            # Prompt logprobs travel on the first token's event, so none are kept once it is out
+            # (a recompute after preemption). The last prompt position predicts the first
+            # generated token: a sampled row, not one of these.
+            if seq.params.prompt_logprobs and not seq.output_ids:
+                count = min(start + n, len(seq.prompt_ids) - 1) - start
+                if count > 0:
+                    prompt_rows.append(PromptLogprobRows(seq, start, count))
+                    extra_rows.extend(range(q_start, q_start + count))
 
-        keep = logit_rows or [len(tokens) - 1]  # the model wants at least one row
+        # Sampled rows first, so logits[:num_sampled] is what the sampler reads.
+        keep = logit_rows + extra_rows or [len(tokens) - 1]  # the model wants at least one row
         fresh = self.cache.allocator.take_fresh()
         return StepInputs(
             input_ids=torch.tensor([tokens], dtype=torch.long),
@@ -94,11 +118,12 @@ class ModelRunner:
             keep=torch.tensor(keep), num_sampled=len(logit_rows),
             slot_mapping=torch.cat(slot_parts), num_decode=len(batch.decodes),
             decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
-            fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None)
+            fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None,
+            num_prompt_logprobs=len(extra_rows)), prompt_rows
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
-        """float32 logits [step.num_sampled, vocab]. Runs on every rank."""
+        """float32 logits [step.num_sampled + step.num_prompt_logprobs, vocab]. Runs on every rank."""
         dev = self.device
         to = (lambda t: None if t is None else t.to(dev, non_blocking=True))
         if step.fresh_blocks is not None:
@@ -110,14 +135,17 @@ class ModelRunner:
         fast = getattr(self.model, "sagellm_fast", None)
         if fast is not None:  # sagellm.model.fast_decoder: same arithmetic, less Python
             logits = fast(to(step.input_ids), to(step.position_ids), to(step.keep), paged_attention, meta)
-            return logits[:step.num_sampled].float()
-        out = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
-                         logits_to_keep=to(step.keep), sagellm_meta=meta)
-        return out.logits[0, :step.num_sampled].float()
+        else:
+            logits = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
+                                logits_to_keep=to(step.keep), sagellm_meta=meta).logits[0]
+        return logits[:step.num_sampled + step.num_prompt_logprobs].float()
 
-    def run(self, batch: ScheduledBatch, phases: dict[str, float] | None = None) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, phases: dict[str, float] | None = None
+            ) -> tuple[torch.Tensor, list[PromptLogprobRows]]:
+        """Logits as forward() returns them, and which sequences the rows past the sampled ones
+        belong to (in row order)."""
         t0 = time.perf_counter()
-        step = self.prepare(batch)
+        step, prompt_rows = self.prepare(batch)
         if self.tp_group is not None:
             self.tp_group.broadcast_step(step)
         t1 = time.perf_counter()
@@ -130,4 +158,4 @@ class ModelRunner:
             seq.num_computed += 1
         for seq, n in batch.prefills:
             seq.num_computed += n
-        return logits
+        return logits, prompt_rows

@@ -174,3 +174,99 @@ def test_penalties_change_the_output(chat_ids, loaded_model, engine):
     assert penalised != base and repeated != base
     # OpenAI's frequency penalty discourages repeats: fewer repeated tokens than greedy.
     assert len(set(penalised)) >= len(set(base))
+
+
+# ---- prompt logprobs (TGI's decoder_input_details) ----
+
+def reference_prompt_logprobs(model, ids: list[int]) -> list[float]:
+    """log_softmax of transformers' own logits at position p, read at the prompt token p + 1."""
+    with torch.inference_mode():
+        logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return [logprobs[p, ids[p + 1]].item() for p in range(len(ids) - 1)]
+
+
+def prompt_logprobs(handle) -> list:
+    events = list(handle)
+    assert all(e.prompt_logprobs is None for e in events[1:])  # only on the first token's event
+    return events[0].prompt_logprobs
+
+
+def test_prompt_logprobs_equal_transformers(chat_ids, loaded_model, reference_model, engine):
+    ids = chat_ids(QUESTIONS[2])
+    got = prompt_logprobs(engine.submit(ids, greedy(4, prompt_logprobs=True)))
+    assert [t.token_id for t in got] == ids
+    assert [t.text for t in got] == [loaded_model.tokenizer.decode([i]) for i in ids]
+    assert got[0].logprob is None  # the first token has no context
+    want = reference_prompt_logprobs(reference_model, ids)
+    assert max(abs(t.logprob - w) for t, w in zip(got[1:], want)) < 1e-3
+    assert list(engine.submit(ids, greedy(4)))[0].prompt_logprobs is None  # only when asked
+
+
+@pytest.fixture(scope="module")
+def plain_transformers_model(loaded_model):
+    """The bundled model under transformers' own modules with our paged attention: the forward
+    the tensor-parallel ranks run (logits_to_keep), not the lean one."""
+    from transformers import AutoModelForCausalLM
+
+    from sagellm.engine import attention
+
+    attention.register()
+    model = AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
+                                                 attn_implementation=attention.ATTN_IMPLEMENTATION).eval()
+    assert getattr(model, "sagellm_fast", None) is None
+    return model
+
+
+@pytest.mark.parametrize("forward", ["lean", "transformers"])
+def test_chunked_prompt_logprobs_equal_unchunked(chat_ids, loaded_model, reference_model,
+                                                 plain_transformers_model, forward):
+    ids = chat_ids(" ".join(QUESTIONS) * 2)
+    model = loaded_model.model if forward == "lean" else plain_transformers_model
+
+    def run(max_prefill_tokens: int) -> list[float]:
+        engine = LLMEngine(model, loaded_model.tokenizer,
+                           EngineConfig(max_batch_size=8, max_prefill_tokens=max_prefill_tokens,
+                                        max_total_tokens=2048, num_kv_blocks=256), loaded_model.eos_token_ids)
+        engine.start()
+        try:
+            # Alongside a request that does not ask, so sampled and prompt rows share steps.
+            other = engine.submit(chat_ids(QUESTIONS[0]), greedy(8))
+            got = prompt_logprobs(engine.submit(ids, greedy(4, prompt_logprobs=True)))
+            assert list(other)[0].prompt_logprobs is None
+            return [t.logprob for t in got]
+        finally:
+            engine.stop()
+
+    chunked, whole = run(16), run(4096)
+    assert len(chunked) == len(whole) == len(ids) and chunked[0] is None and whole[0] is None
+    assert max(abs(a - b) for a, b in zip(chunked[1:], whole[1:])) < 1e-4
+    want = reference_prompt_logprobs(reference_model, ids)
+    assert max(abs(a - w) for a, w in zip(chunked[1:], want)) < 1e-3
+
+
+def test_preempted_requests_report_prompt_logprobs_once(chat_ids, loaded_model, reference_model, monkeypatch):
+    # As in test_full_cache_makes_requests_wait_not_crash: too few blocks, so requests are
+    # preempted and their prompt (and output so far) prefilled again, some in the middle of a
+    # chunked prefill and some after their first token.
+    from sagellm.engine.scheduler import Scheduler
+
+    preempted_outputs = []
+    preempt = Scheduler._preempt
+
+    def spy(self, seq, batch):
+        preempted_outputs.append(len(seq.output_ids))
+        preempt(self, seq, batch)
+
+    monkeypatch.setattr(Scheduler, "_preempt", spy)
+    prompts = [chat_ids(q) for q in QUESTIONS]
+    small = make_engine(loaded_model, num_kv_blocks=12, max_total_tokens=180, max_prefill_tokens=16)
+    try:
+        handles = [small.submit(p, greedy(60, ignore_eos=True, prompt_logprobs=True)) for p in prompts]
+        results = [prompt_logprobs(h) for h in handles]
+    finally:
+        small.stop()
+    assert 0 in preempted_outputs and max(preempted_outputs) > 0
+    for ids, got in zip(prompts, results):
+        assert [t.token_id for t in got] == ids
+        want = reference_prompt_logprobs(reference_model, ids)
+        assert max(abs(t.logprob - w) for t, w in zip(got[1:], want)) < 1e-3
