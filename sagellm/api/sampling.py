@@ -60,7 +60,7 @@ def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None,
 def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, temperature, top_k,
                  top_p, typical_p=None, repetition_penalty=None, frequency_penalty=None,
                  presence_penalty=None, stop=(), seed=None, logit_bias=(), min_new_tokens=None,
-                 ignore_eos=None, top_n_tokens=0, logprobs=True) -> SamplingParams:
+                 ignore_eos=None, top_n_tokens=0, logprobs=True, prompt_logprobs=False) -> SamplingParams:
     timeout = ctx.settings.request_timeout_s
     return SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -80,4 +80,5 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
         top_n_tokens=top_n_tokens or 0,
         logprobs=logprobs,
         deadline=time.monotonic() + timeout if timeout else None,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 from sagellm.api.context import ServingContext
 from sagellm.api.parse import parse
@@ -10,6 +12,7 @@ from sagellm.api.protocol import GenerateParameters, GenerateRequest
 from sagellm.api.responses import SSE_HEADERS, JsonResponse, StreamResponse, event_stream, sse
 from sagellm.api.sampling import build_params, check_common, invalid, resolve_max_new
 from sagellm.engine.events import FinishReason, TokenEvent
+from sagellm.engine.sampling_params import SamplingParams
 from sagellm.errors import GenerationError
 
 
@@ -21,8 +24,27 @@ def _top(ev: TokenEvent) -> list[dict]:
     return [{"id": t.token_id, "text": t.text, "logprob": t.logprob, "special": t.special} for t in ev.top_tokens]
 
 
+def _best_of(ctx: ServingContext, p: GenerateParameters, stream: bool) -> int:
+    """TGI's best_of rules; the messages are TGI's, with the limit's variable named."""
+    n = p.best_of if p.best_of is not None else 1
+    limit = ctx.settings.max_best_of
+    if n == 1:
+        return 1
+    if stream:
+        raise invalid("`best_of` != 1 is not supported when streaming tokens", "best_of")
+    if limit == 1:
+        raise invalid("`best_of` != 1 is not allowed for this endpoint (MAX_BEST_OF=1)", "best_of")
+    if not 0 < n <= limit:
+        raise invalid(f"`best_of` must be > 0 and <= {limit}. Given: {n} (MAX_BEST_OF={limit})", "best_of")
+    # TGI counts any warper field as asking for sampling, even next to do_sample=false.
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    if not sampling or p.temperature == 0:
+        raise invalid("you must use sampling when `best_of` is > 1", "best_of")
+    return n
+
+
 def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, stream: bool):
-    """Validate a native request and submit it; returns (handle, parameters, prompt_ids)."""
+    """Validate a native request; returns (sampling params, parameters, prompt_ids, best_of)."""
     s = ctx.settings
     p = req.parameters or GenerateParameters()
     stop = p.stop or []
@@ -30,8 +52,7 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                  repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
                  presence_penalty=p.presence_penalty, stop=stop, seed=p.seed,
                  max_new_name="max_new_tokens", max_new_tokens=p.max_new_tokens)
-    if p.best_of is not None and p.best_of > 1:
-        raise invalid("`best_of` > 1 is not supported by this server yet; send separate requests", "best_of")
+    best_of = _best_of(ctx, p, stream)
     if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= s.max_top_n_tokens:
         raise invalid(f"`top_n_tokens` must be >= 0 and <= {s.max_top_n_tokens}. Given: {p.top_n_tokens}",
                       "top_n_tokens")
@@ -55,20 +76,46 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
     do_sample = p.do_sample if p.do_sample is not None else (not has_parameters or warper)
     if p.temperature == 0:
         do_sample = False  # temperature 0 means greedy everywhere (TGI would refuse it)
-    params = build_params(ctx, max_new_tokens=max_new, do_sample=do_sample, temperature=p.temperature,
-                          top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
+    params = build_params(ctx, max_new_tokens=max_new, do_sample=do_sample or best_of > 1,
+                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                           repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
                           presence_penalty=p.presence_penalty, stop=stop, seed=p.seed,
                           min_new_tokens=p.min_new_tokens, ignore_eos=p.ignore_eos,
-                          top_n_tokens=p.top_n_tokens)
-    return ctx.submit(ids, params), p, ids
+                          top_n_tokens=p.top_n_tokens, logprobs=True,
+                          prompt_logprobs=bool(p.decoder_input_details))
+    return params, p, ids, best_of
 
 
-def _details(ctx, handle, p: GenerateParameters, events: list[TokenEvent], finish: FinishReason) -> dict:
-    d = {"finish_reason": finish.value, "generated_tokens": len(events), "seed": handle.seed,
-         "prefill": [], "tokens": [_token(e) for e in events]}
+def submit_best_of(ctx: ServingContext, ids: list[int], params: SamplingParams, best_of: int) -> list:
+    """All `best_of` sequences at once, so they share the running batch. A given seed becomes
+    seed, seed + 1, ... (else the copies would be identical); without one each gets its own."""
+    if best_of == 1:
+        return [ctx.submit(ids, params)]
+    seeds = [None] * best_of if params.seed is None else [(params.seed + i) % 2**64 for i in range(best_of)]
+    return [ctx.submit(ids, dataclasses.replace(params, seed=seed)) for seed in seeds]
+
+
+@dataclass
+class Generation:
+    """One finished sequence of a native request."""
+
+    seed: int | None
+    events: list[TokenEvent]
+    finish: FinishReason
+
+    @property
+    def mean_logprob(self) -> float:
+        """TGI's best_of score: the mean (not the sum) of the generated tokens' logprobs."""
+        return sum(e.logprob or 0.0 for e in self.events) / len(self.events)
+
+
+def _details(g: Generation, p: GenerateParameters) -> dict:
+    prompt = g.events[0].prompt_logprobs or []
+    d = {"finish_reason": g.finish.value, "generated_tokens": len(g.events), "seed": g.seed,
+         "prefill": [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in prompt],
+         "tokens": [_token(e) for e in g.events]}
     if p.top_n_tokens:
-        d["top_tokens"] = [_top(e) for e in events]
+        d["top_tokens"] = [_top(e) for e in g.events]
     return d
 
 
@@ -89,18 +136,28 @@ def generate(ctx: ServingContext, body, *, full_text_default: bool) -> JsonRespo
     """Non-streaming native generation; the caller wraps the object in a list for POST / and /invocations."""
     t0 = time.monotonic()
     req = parse(GenerateRequest, body)
-    handle, p, ids = prepare(ctx, req, "parameters" in body and body["parameters"] is not None, False)
+    params, p, ids, best_of = prepare(ctx, req, "parameters" in body and body["parameters"] is not None, False)
+    handles = submit_best_of(ctx, ids, params, best_of)
     t_valid = time.monotonic()
     try:
-        events, finish = collect(handle)
+        gens = [Generation(h.seed, *collect(h)) for h in handles]
     finally:
-        handle.abort()  # no-op when finished; frees the slot if we were interrupted
-    text = ctx.decode([e.token_id for e in events])
+        for h in handles:
+            h.abort()  # no-op when finished; frees the others when one failed or the client left
+    best = max(gens, key=lambda g: g.mean_logprob)
     full = p.return_full_text if p.return_full_text is not None else full_text_default
-    out = {"generated_text": (req.inputs + text) if full else text}
+
+    def text_of(g: Generation) -> str:
+        text = ctx.decode([e.token_id for e in g.events])
+        return (req.inputs + text) if full else text
+
+    out = {"generated_text": text_of(best)}
     if p.details or p.decoder_input_details:
-        out["details"] = _details(ctx, handle, p, events, finish)
-    return JsonResponse(out, headers=timing_headers(ctx, t0, t_valid, len(ids), len(events), req.inputs))
+        out["details"] = _details(best, p)
+        if best_of > 1:
+            out["details"]["best_of_sequences"] = [{"generated_text": text_of(g), **_details(g, p)}
+                                                   for g in gens if g is not best]
+    return JsonResponse(out, headers=timing_headers(ctx, t0, t_valid, len(ids), len(best.events), req.inputs))
 
 
 def timing_headers(ctx, t0: float, t_valid: float, n_in: int, n_out: int, text: str) -> dict:
@@ -119,7 +176,8 @@ def timing_headers(ctx, t0: float, t_valid: float, n_in: int, n_out: int, text: 
 def generate_stream(ctx: ServingContext, body, *, full_text_default: bool) -> StreamResponse:
     """SSE: one event per token; the last one carries generated_text (and details if asked)."""
     req = parse(GenerateRequest, body)
-    handle, p, ids = prepare(ctx, req, "parameters" in body and body["parameters"] is not None, True)
+    params, p, ids, _ = prepare(ctx, req, "parameters" in body and body["parameters"] is not None, True)
+    handle = ctx.submit(ids, params)
     full = p.return_full_text if p.return_full_text is not None else full_text_default
     generated: list[int] = []
 
