@@ -1363,6 +1363,37 @@ def report(all_results: dict[str, dict[str, dict]], libs: list[str]) -> None:
     print(table(["grammar"] + libs, rows))
 
 
+def check_fixtures() -> str:
+    """Confirm with the jsonschema package that each 'valid'/'invalid' instance really is."""
+    try:
+        import jsonschema
+    except ImportError:
+        return "fixtures not checked (jsonschema not installed)"
+    validator_cls = jsonschema.Draft202012Validator
+    checker = validator_cls.FORMAT_CHECKER
+    wrong, unchecked = [], []
+    cases = [(n, schema, ok, bad) for n, (schema, ok, bad) in FEATURES.items()]
+    cases.append(("person", PERSON_SCHEMA, PERSON_INSTANCE, None))
+    cases += [
+        (n, spec, json.loads(sample), None)
+        for n, (kind, spec, sample) in GRAMMARS.items()
+        if kind == "schema"
+    ]
+    for name, schema, ok, bad in cases:
+        validator = validator_cls(schema, format_checker=checker)
+        if not validator.is_valid(ok):
+            wrong.append(f"{name} (valid instance fails)")
+        if bad is not None and validator.is_valid(bad):
+            fmt = schema.get("format")
+            (unchecked if fmt and fmt not in checker.checkers else wrong).append(name)
+    text = "fixtures checked with jsonschema: " + (
+        "all as labelled" if not wrong else "WRONG: " + ", ".join(wrong)
+    )
+    return text + (
+        f" (not checkable here: {', '.join(unchecked)})" if unchecked else ""
+    )
+
+
 def versions(libs: list[str]) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -1406,9 +1437,8 @@ def main() -> None:
     unknown = set(libs) - set(LIBS)
     if unknown:
         parser.error(f"unknown libraries: {', '.join(sorted(unknown))}")
-    print(
-        f"# Grammar library comparison\n\ntokenizer: {args.tokenizer}\n\n{versions(libs)}"
-    )
+    print(f"# Grammar library comparison\n\ntokenizer: {args.tokenizer}\n")
+    print(f"{versions(libs)}\n\n{check_fixtures()}")
     results = {}
     for lib in libs:
         t0 = time.perf_counter()

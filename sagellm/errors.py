@@ -52,6 +52,12 @@ class TemplateError(ValidationError):
     error_type = "template_error"
 
 
+class ToolError(ValidationError):
+    """`tools` / `tool_choice` that cannot be honoured (TGI's tool_error)."""
+
+    error_type = "tool_error"
+
+
 class PayloadTooLarge(SagellmError):
     status = 413
     error_type = "validation"

@@ -41,6 +41,9 @@ class Settings:
     max_stop_sequences: int = 16
     max_top_n_tokens: int = 20
     max_best_of: int = 2
+    max_choices: int = 8
+    disable_grammar_support: bool = False
+    grammar_compile_timeout_s: float = 10.0
     max_client_batch_size: int = 4
     payload_limit: int = 8_000_000
     messages_api_enabled: bool | None = None
@@ -324,6 +327,11 @@ VARS: list[Var] = [
     Var("max_top_n_tokens", ("MAX_TOP_N_TOKENS",), "int >= 0", _non_negative_int,
         "Most top_n_tokens (alternative tokens per position) per request"),
     Var("max_best_of", ("MAX_BEST_OF",), "int >= 1", _positive_int, "Largest best_of per request"),
+    Var("max_choices", ("MAX_CHOICES",), "int >= 1", _positive_int, "Largest `n` (choices) per chat/completions request"),
+    Var("disable_grammar_support", ("DISABLE_GRAMMAR_SUPPORT",), "bool", _bool,
+        "Refuse grammar / response_format / tools that need constrained decoding"),
+    Var("grammar_compile_timeout_s", ("GRAMMAR_COMPILE_TIMEOUT_S",), "float > 0", _positive_float,
+        "A grammar or schema that takes longer to compile gets a 422"),
     Var("max_client_batch_size", ("MAX_CLIENT_BATCH_SIZE",), "int >= 1", _positive_int,
         "Most inputs in one request body"),
     Var("payload_limit", ("PAYLOAD_LIMIT",), "int >= 1", _positive_int, "Largest request body, in bytes"),

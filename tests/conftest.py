@@ -164,3 +164,17 @@ def chat_ids(loaded_model):
         chat = loaded_model.chat
         return chat.encode(chat.render([{"role": "user", "content": question}]))
     return build
+
+
+@pytest.fixture(scope="module")
+def hub(server):
+    """huggingface_hub.InferenceClient on the local server. conftest sets HF_HUB_OFFLINE=1 (for
+    the model load), and huggingface_hub >= 1.0 refuses every request in offline mode, even to a
+    local base_url; lift that for the module using it only."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as hc
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(hc, "HF_HUB_OFFLINE", False)
+    yield huggingface_hub.InferenceClient(base_url=server.url, timeout=300)
+    mp.undo()

@@ -38,3 +38,6 @@ class ServingContext:
     render_chat: Callable[..., str]  # messages, tools=, add_generation_prompt=, continue_final_message=, kwargs=
     encode_chat: Callable[[str], list[int]]  # rendered prompt -> ids with exactly one BOS
     submit: Callable[[list[int], SamplingParams], Handle]
+    # (kind, value, param name) -> a compiled grammar for SamplingParams.grammar; None: unavailable
+    compile_grammar: Callable[[str, object, str], object] | None = None
+    template_shows_tools: bool = False  # the chat template renders a `tools` list itself

@@ -2,12 +2,14 @@
 
 MESSAGES_API_ENABLED=true takes only Messages bodies, false only TGI native bodies; unset, the
 first shape whose key is present wins (inputs -> native, messages -> chat, prompt -> completions).
+A body with "action" asks for introspection instead (sagellm/api/introspect.py).
 """
 
 from __future__ import annotations
 
 from sagellm.api import openai, tgi
 from sagellm.api.context import ServingContext
+from sagellm.api.introspect import introspect
 from sagellm.api.responses import JsonResponse, StreamResponse
 from sagellm.errors import BadRequest, ValidationError
 
@@ -34,6 +36,8 @@ SHAPES = (
 def invocations(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+    if "action" in body:  # introspection, whatever MESSAGES_API_ENABLED says
+        return introspect(ctx, body)
     enabled = ctx.settings.messages_api_enabled
     if enabled is True:
         allowed = SHAPES[1:2]

@@ -1,23 +1,29 @@
 """The OpenAI API: /v1/chat/completions, /v1/completions, /v1/models (and /invocations bodies of
-those shapes). finish_reason is only ever "stop" or "length"; stop strings are cut from the text."""
+those shapes). finish_reason is "stop", "length" or "tool_calls"; stop strings are cut from the
+text; `stop_reason` names the stop string or token that ended a choice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from sagellm import __version__
 from sagellm.api.context import ServingContext
 from sagellm.api.parse import parse
 from sagellm.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
-from sagellm.api.responses import SSE_DONE, SSE_HEADERS, JsonResponse, StreamResponse, event_stream, sse
+from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResponse, StreamResponse, sse
 from sagellm.api.sampling import build_params, check_common, invalid, resolve_max_new
+from sagellm.api.structured import grammar_for
 from sagellm.api.tgi import collect
+from sagellm.api.tools import CallStreamer, ToolPlan, parse_calls, plan_tools
 from sagellm.engine.events import FinishReason, TokenEvent
-from sagellm.errors import ValidationError
+from sagellm.engine.sampling_params import SamplingParams
+from sagellm.errors import GenerationError, ToolError, ValidationError
 
 FINGERPRINT = f"sagellm-{__version__}"
 
@@ -43,8 +49,6 @@ def _sampling(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs
                  repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                  presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, max_new_name=name,
                  max_new_tokens=requested)
-    if req.n is not None and req.n != 1:
-        raise invalid(f"`n` must be 1 on this server for now. Given: {req.n}", "n")
     if req.min_tokens is not None and req.min_tokens < 0:
         raise invalid(f"`min_tokens` must be >= 0. Given: {req.min_tokens}", "min_tokens")
     bias = []
@@ -69,7 +73,7 @@ def _usage(prompt: int, completion: int) -> dict:
 
 # ---- chat ----
 
-def _flatten(msg) -> dict:
+def _flatten(msg, ctx: ServingContext) -> dict:
     content = msg.content
     if isinstance(content, list):
         texts = []
@@ -81,7 +85,10 @@ def _flatten(msg) -> dict:
         content = "".join(texts)
     out = {"role": msg.role, "content": content if content is not None else ""}
     if msg.tool_calls:
-        out["tool_calls"] = msg.tool_calls
+        if ctx.template_shows_tools:
+            out["tool_calls"] = msg.tool_calls
+        elif not out["content"]:  # the template cannot show them: write them as this server asks for calls
+            out["content"] = json.dumps([_call_as_written(c) for c in msg.tool_calls], ensure_ascii=False)
     if msg.tool_call_id:
         out["tool_call_id"] = msg.tool_call_id
     if msg.name:
@@ -89,13 +96,31 @@ def _flatten(msg) -> dict:
     return out
 
 
-def prepare_chat(ctx: ServingContext, body):
+def _call_as_written(call: dict) -> dict:
+    fn = call.get("function") or {}
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        pass
+    return {"name": fn.get("name"), "arguments": args}
+
+
+@dataclass
+class ChatJob:
+    """A validated chat request: what to submit per choice, and how to answer in text instead
+    when tool_choice "auto" lets the model decline every tool."""
+
+    req: ChatCompletionRequest
+    ids: list[int]
+    params: SamplingParams
+    tools: ToolPlan | None
+    plain: tuple[list[int], SamplingParams] | None  # the tool-free prompt for a declined call
+    prompt: str = ""  # the rendered conversation, as the model sees it
+
+
+def prepare_chat(ctx: ServingContext, body) -> ChatJob:
     req = parse(ChatCompletionRequest, body)
-    if req.tools:
-        raise invalid("`tools` are not supported by this server yet", "tools")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise invalid(f"`response_format` of type {fmt!r} is not supported by this server yet", "response_format")
     top_n = 0
     if req.top_logprobs is not None:
         if not req.logprobs:
@@ -104,13 +129,47 @@ def prepare_chat(ctx: ServingContext, body):
             raise invalid(f"`top_logprobs` must be >= 0 and <= {ctx.settings.max_top_n_tokens}. "
                           f"Given: {req.top_logprobs}", "top_logprobs")
         top_n = req.top_logprobs
-    messages = [_flatten(m) for m in req.messages]
+    if req.n is not None and not 1 <= req.n <= ctx.settings.max_choices:
+        raise invalid(f"`n` must be >= 1 and <= {ctx.settings.max_choices}. Given: {req.n}"
+                      " (MAX_CHOICES)", "n")
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if tools is not None and req.response_format is not None and req.response_format.get("type") != "text":
+        raise ToolError("Tool error: `tools` and `response_format` cannot be combined in one request; "
+                        "describe the answer's shape in a tool's parameters instead", param="response_format")
+    grammar = grammar_for(ctx, req.response_format, "response_format")
+    messages = [_flatten(m, ctx) for m in req.messages]
     cont = req.continue_final_message if req.continue_final_message is not None else messages[-1]["role"] == "assistant"
-    prompt = ctx.render_chat(messages, add_generation_prompt=not cont, continue_final_message=cont,
-                             kwargs=req.chat_template_kwargs)
-    ids = ctx.encode_chat(prompt)
+
+    rendered = []
+
+    def render(msgs, with_tools: bool) -> list[int]:
+        prompt = ctx.render_chat(msgs, tools=tools.template_tools() if with_tools and ctx.template_shows_tools
+                                 else None, add_generation_prompt=not cont, continue_final_message=cont,
+                                 kwargs=req.chat_template_kwargs)
+        rendered.append(prompt)
+        return ctx.encode_chat(prompt)
+
+    plain = None
+    if tools is not None:
+        if cont:
+            raise ToolError("Tool error: tools cannot continue a final assistant message", param="messages")
+        if ctx.compile_grammar is None:
+            raise ToolError("Tool error: tools need constrained decoding (DISABLE_GRAMMAR_SUPPORT is set)",
+                            param="tools")
+        grammar = ctx.compile_grammar("json_schema", tools.schema(), "tools")
+        instruction = req.tool_prompt or tools.prompt(with_list=not ctx.template_shows_tools)
+        last = dict(messages[-1])
+        last["content"] = f"{last['content']}\n---\n{instruction}"
+        ids = render(messages[:-1] + [last], True)
+        if tools.allow_text:
+            plain_ids = render(messages, False)
+            plain = (plain_ids, _sampling(ctx, req, len(plain_ids), "messages", top_n, bool(req.logprobs)))
+    else:
+        ids = render(messages, False)
     params = _sampling(ctx, req, len(ids), "messages", top_n, logprobs=bool(req.logprobs))
-    return req, ids, params
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
+    return ChatJob(req, ids, params, tools, plain, rendered[0])
 
 
 def _logprob_entry(ctx, ev: TokenEvent) -> dict:
@@ -121,67 +180,205 @@ def _logprob_entry(ctx, ev: TokenEvent) -> dict:
     return entry
 
 
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of n: its own seed (seed + index), so choices differ but reproduce."""
+    if index and params.do_sample and params.seed is not None:
+        return dataclasses.replace(params, seed=(params.seed + index) % 2**64)
+    return params
+
+
+def _choice_events(ctx: ServingContext, job: ChatJob, index: int, handle):
+    """One choice as a sequence of parts: ("text", delta, logprobs entries or None),
+    ("calls", tool_call deltas), ("end", finish_reason, stop_reason, completion tokens),
+    ("error", message); None while idle. A declined tool call (`no_tool`) is replaced by a
+    plain answer to the tool-free prompt. Closing it aborts the request."""
+    streamer = CallStreamer() if job.tools is not None else None
+    n_out = 0
+    done = False
+    try:
+        for ev in handle.iter_events(15.0):
+            if ev is None:
+                yield None
+                continue
+            if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
+                done = True
+                yield ("error", ev.error or "aborted")
+                return
+            n_out += 1
+            if streamer is None:
+                lp = None
+                if job.req.logprobs and not (ev.special and ev.finish_reason == FinishReason.EOS_TOKEN):
+                    lp = [_logprob_entry(ctx, ev)]
+                if ev.delta or lp:
+                    yield ("text", ev.delta, lp)
+            else:
+                deltas, first = streamer.feed(ev.delta)
+                if first == job.tools.no_tool and job.plain is not None:
+                    handle.abort()
+                    done = True
+                    plain_ids, plain_params = job.plain
+                    plain_job = dataclasses.replace(job, ids=plain_ids, params=plain_params, tools=None, plain=None)
+                    yield from _choice_events(ctx, plain_job, index,
+                                              ctx.submit(plain_ids, _choice_params(plain_params, index)))
+                    return
+                if deltas:
+                    yield ("calls", deltas)
+            if ev.finish_reason is not None:
+                done = True
+                reason = finish_reason(ev.finish_reason)
+                if streamer is not None:
+                    calls = parse_calls(streamer.text)
+                    if calls is not None:
+                        reason = "tool_calls"
+                    elif ev.finish_reason != FinishReason.LENGTH:
+                        yield ("error", "the model's tool call did not complete")
+                        return
+                    else:
+                        yield ("text", streamer.text, None)  # cut by the token limit: shown as text
+                yield ("end", reason, ev.stop_reason, n_out)
+                return
+    finally:
+        if not done:
+            handle.abort()
+
+
+def _submit_choices(ctx: ServingContext, job: ChatJob) -> list:
+    n = job.req.n or 1
+    handles = []
+    try:
+        for i in range(n):
+            handles.append(ctx.submit(job.ids, _choice_params(job.params, i)))
+    except BaseException:
+        for h in handles:
+            h.abort()
+        raise
+    return handles
+
+
 def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
-    req, ids, params = prepare_chat(ctx, body)
-    handle = ctx.submit(ids, params)
+    job = prepare_chat(ctx, body)
+    handles = _submit_choices(ctx, job)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": cid, "created": created, "model": ctx.served_name, "system_fingerprint": FINGERPRINT}
-    if req.stream:
-        return StreamResponse(_chat_stream(ctx, req, handle, base, len(ids)), dict(SSE_HEADERS))
+    choices = [_choice_events(ctx, job, i, h) for i, h in enumerate(handles)]
+    if job.req.stream:
+        return StreamResponse(_chat_stream(job.req, choices, base, len(job.ids)), dict(SSE_HEADERS))
+    out, n_out = [], 0
     try:
-        events, finish = collect(handle)
+        for index, parts in enumerate(choices):
+            text, logprobs, calls = [], [], {}
+            for part in parts:
+                if part is None:
+                    continue
+                if part[0] == "error":
+                    raise GenerationError(f"Request failed during generation: {part[1]}")
+                if part[0] == "text":
+                    text.append(part[1])
+                    logprobs.extend(part[2] or [])
+                elif part[0] == "calls":
+                    for d in part[1]:
+                        call = calls.setdefault(d["index"], {"id": d.get("id"), "type": "function",
+                                                             "function": {"name": None, "arguments": ""}})
+                        call["function"]["name"] = d["function"].get("name") or call["function"]["name"]
+                        call["function"]["arguments"] += d["function"]["arguments"]
+                else:
+                    _, reason, stop_reason, count = part
+            n_out += count
+            message = {"role": "assistant", "content": "".join(text)}
+            if reason == "tool_calls":
+                message = {"role": "assistant", "content": None, "tool_calls": [calls[k] for k in sorted(calls)]}
+            out.append({"index": index, "message": message,
+                        "logprobs": {"content": logprobs} if job.req.logprobs else None,
+                        "finish_reason": reason, "stop_reason": stop_reason})
     finally:
-        handle.abort()
-    visible = [e for e in events if not (e.special and e.finish_reason == FinishReason.EOS_TOKEN)]
-    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(e.delta for e in events)},
-              "logprobs": {"content": [_logprob_entry(ctx, e) for e in visible]} if req.logprobs else None,
-              "finish_reason": finish_reason(finish), "stop_reason": events[-1].stop_reason}
-    return JsonResponse({**base, "object": "chat.completion", "choices": [choice],
-                         "usage": _usage(len(ids), len(events))})
+        for parts in choices:
+            parts.close()
+    return JsonResponse({**base, "object": "chat.completion", "choices": out,
+                         "usage": _usage(len(job.ids), n_out)})
 
 
-def _chat_stream(ctx, req, handle, base, n_prompt):
+def _merge_parts(choices):
+    """(index, part) from several choices' part streams, in the order they come."""
+    if len(choices) == 1:
+        for part in choices[0]:
+            yield 0, part
+        return
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def pump(i, parts):
+        try:
+            for part in parts:
+                if stop.is_set():
+                    break
+                q.put((i, part))
+        except Exception as exc:  # engine died: surface as an error
+            q.put((i, ("error", str(exc))))
+        finally:
+            parts.close()
+            q.put((i, StopIteration))
+
+    for i, parts in enumerate(choices):
+        threading.Thread(target=pump, args=(i, parts), daemon=True).start()
+    open_ = len(choices)
+    try:
+        while open_:
+            i, part = q.get()
+            if part is StopIteration:
+                open_ -= 1
+                continue
+            yield i, part
+    finally:
+        stop.set()
+
+
+def _chat_stream(req, choices, base, n_prompt):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    n_out = 0
+    extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict, finish=None, logprobs=None, stop_reason=None) -> bytes:
-        ch = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    def chunk(index: int, delta: dict, finish=None, logprobs=None, stop_reason=None) -> bytes:
+        ch = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             ch["stop_reason"] = stop_reason
-        out = {**base, "object": "chat.completion.chunk", "choices": [ch]}
-        if include_usage:
-            out["usage"] = None
-        return sse(out)
+        return sse({**base, "object": "chat.completion.chunk", "choices": [ch], **extra})
 
-    def render(ev: TokenEvent) -> list[bytes]:
-        nonlocal n_out
-        if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
-            return [sse({"error": {"message": f"Request failed during generation: {ev.error or 'aborted'}",
-                                   "type": "server_error", "code": 424, "http_status_code": 424}}), SSE_DONE]
-        n_out += 1
-        out = []
-        lp = None
-        if req.logprobs and not (ev.special and ev.finish_reason == FinishReason.EOS_TOKEN):
-            lp = {"content": [_logprob_entry(ctx, ev)]}
-        if lp:
-            out.append(chunk({"content": ev.delta}, logprobs=lp))
-        elif ev.delta:
-            out.append(content_head + json.dumps(ev.delta, ensure_ascii=False).encode() + content_tail)
-        if ev.finish_reason is not None:
-            out.append(chunk({}, finish_reason(ev.finish_reason), stop_reason=ev.stop_reason))
-            if include_usage:
-                out.append(sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                "usage": _usage(n_prompt, n_out)}))
-            out.append(SSE_DONE)
-        return out
-
-    # The per-token chunk is the same JSON around a new string: build its two halves once (the
-    # streaming threads' serialisation work competes with the engine for the CPU).
+    # The per-token chunk is the same JSON around a new string: build its two halves once per
+    # choice (the streaming threads' serialisation work competes with the engine for the CPU).
     marker = "\u0000sagellm\u0000"
-    head, tail = chunk({"content": marker}).split(json.dumps(marker, ensure_ascii=False).encode())
-    content_head, content_tail = head, tail
-    yield chunk({"role": "assistant", "content": ""})
-    yield from event_stream(handle, render)
+    halves = [chunk(i, {"content": marker}).split(json.dumps(marker, ensure_ascii=False).encode())
+              for i in range(len(choices))]
+    n_out, open_ = 0, len(choices)
+    for i in range(len(choices)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    merged = _merge_parts(choices)
+    try:
+        for i, part in merged:
+            if part is None:
+                yield SSE_KEEPALIVE
+            elif part[0] == "text":
+                if part[2]:
+                    yield chunk(i, {"content": part[1]}, logprobs={"content": part[2]})
+                elif part[1]:
+                    head, tail = halves[i]
+                    yield head + json.dumps(part[1], ensure_ascii=False).encode() + tail
+            elif part[0] == "calls":
+                yield chunk(i, {"tool_calls": part[1]})
+            elif part[0] == "end":
+                n_out += part[3]
+                yield chunk(i, {}, part[1], stop_reason=part[2])
+                open_ -= 1
+            else:
+                yield sse({"error": {"message": f"Request failed during generation: {part[1]}",
+                                     "type": "server_error", "code": 424, "http_status_code": 424}})
+                yield SSE_DONE
+                return
+        if include_usage:
+            yield sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(n_prompt, n_out)})
+        yield SSE_DONE
+    finally:
+        merged.close()
+        for parts in choices:
+            parts.close()
 
 
 # ---- completions ----

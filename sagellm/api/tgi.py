@@ -11,6 +11,7 @@ from sagellm.api.parse import parse
 from sagellm.api.protocol import GenerateParameters, GenerateRequest
 from sagellm.api.responses import SSE_HEADERS, JsonResponse, StreamResponse, event_stream, sse
 from sagellm.api.sampling import build_params, check_common, invalid, resolve_max_new
+from sagellm.api.structured import grammar_for
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.errors import GenerationError
@@ -59,8 +60,6 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
     if stream and p.decoder_input_details:
         raise invalid("`decoder_input_details` == true is not supported when streaming tokens",
                       "decoder_input_details")
-    if p.grammar is not None:
-        raise invalid("`grammar` is not supported by this server yet", "grammar")
     if not req.inputs:
         raise invalid("`inputs` cannot be empty", "inputs")
     ids = ctx.tokenize(req.inputs, True)
@@ -83,6 +82,9 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                           min_new_tokens=p.min_new_tokens, ignore_eos=p.ignore_eos,
                           top_n_tokens=p.top_n_tokens, logprobs=True,
                           prompt_logprobs=bool(p.decoder_input_details))
+    grammar = grammar_for(ctx, p.grammar, "grammar")
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     return params, p, ids, best_of
 
 

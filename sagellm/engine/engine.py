@@ -239,7 +239,15 @@ class LLMEngine:
         delta, stop_str = ("", None) if special else seq.stop_matcher.feed(text)
         finish, stop_reason = None, None
         eos_allowed = not p.ignore_eos and len(seq.output_ids) >= p.min_new_tokens
-        if s.token_id in self.eos_token_ids and eos_allowed:
+        grammar_done = False
+        if seq.matcher is not None:
+            if not seq.matcher.accept(s.token_id):
+                self._fail(seq, f"constrained decoding failed: {seq.matcher.error}")
+                return
+            grammar_done = seq.matcher.finished
+        if s.token_id in self.eos_token_ids and (eos_allowed or seq.matcher is not None):
+            finish = FinishReason.EOS_TOKEN
+        elif grammar_done:  # the grammar allows nothing more: ends like an EOS
             finish = FinishReason.EOS_TOKEN
         elif stop_str is not None:
             finish, stop_reason = FinishReason.STOP_SEQUENCE, stop_str

@@ -1,8 +1,9 @@
 """Turns a step's logits into one token per sequence, applying each request's own parameters.
 
-Order per row (TGI's): logit bias and penalties -> logprobs (reported before the warpers, so
-top_logprobs are not cut by top_p) -> temperature, top_k, top_p, typical_p -> argmax or a
-seeded multinomial draw.
+Order per row (TGI's): logit bias and penalties -> logprobs (reported before the grammar mask
+and the warpers, so top_logprobs show the model's own choices, not cut by top_p) -> the grammar
+mask of constrained requests -> temperature, top_k, top_p, typical_p -> argmax or a seeded
+multinomial draw.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm.engine.constraint import allocate_bitmask, apply_bitmask
 from sagellm.engine.sequence import Sequence
 
 
@@ -32,7 +34,8 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...])
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     for token_id, bias in p.logit_bias:
         row[token_id] += bias
-    if eos_ids and (p.ignore_eos or len(seq.output_ids) < p.min_new_tokens):
+    # A grammar decides when the output may end; min_tokens/ignore_eos cannot override it.
+    if eos_ids and seq.matcher is None and (p.ignore_eos or len(seq.output_ids) < p.min_new_tokens):
         row[list(eos_ids)] = float("-inf")
 
 
@@ -65,28 +68,34 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     for i, seq in enumerate(seqs):
         if seq.params.needs_penalties or seq.params.ignore_eos or seq.params.min_new_tokens:
             _apply_penalties(logits[i], seq, eos_ids)
+    # Log-normalisers only for the rows that report logprobs: a pass over 49k+ logits per row
+    # is a measurable share of a large batch's step (docs/performance.md).
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]
+    lse: dict[int, float] = {}
+    top: dict[int, list[tuple[int, float]]] = {}
+    if rows:
+        sub = logits if len(rows) == len(seqs) else logits.index_select(0, torch.tensor(rows))
+        lse = dict(zip(rows, torch.logsumexp(sub, dim=-1).tolist()))
+        for i in rows:
+            if seqs[i].params.top_n_tokens:
+                values, ids = torch.topk(logits[i], seqs[i].params.top_n_tokens)
+                top[i] = [(t, v - lse[i]) for t, v in zip(ids.tolist(), values.tolist())]
+    constrained = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
+    if constrained:
+        bitmask = allocate_bitmask(len(constrained), logits.shape[1])
+        for row, i in enumerate(constrained):
+            seqs[i].matcher.fill(bitmask, row)
+        apply_bitmask(logits, constrained, bitmask)
     chosen = torch.argmax(logits, dim=-1)  # greedy rows keep this
     for i, seq in enumerate(seqs):
         if seq.params.do_sample:
             probs = _warp(logits[i], seq).softmax(-1)
             chosen[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
     chosen_ids = chosen.tolist()
-    # Log-normalisers only for the rows that report logprobs: a pass over 49k+ logits per row
-    # is a measurable share of a large batch's step (docs/performance.md).
-    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]
-    lse = {}
-    if rows:
-        sub, picks = logits, chosen
-        if len(rows) < len(seqs):
-            idx = torch.tensor(rows)
-            sub, picks = logits.index_select(0, idx), chosen.index_select(0, idx)
-        lse = dict(zip(rows, torch.logsumexp(sub, dim=-1).tolist()))
+    picked = {}
+    if rows:  # the chosen token's logit is untouched by the grammar mask (it was allowed)
+        picks = chosen if len(rows) == len(seqs) else chosen.index_select(0, torch.tensor(rows))
+        sub = logits if len(rows) == len(seqs) else logits.index_select(0, torch.tensor(rows))
         picked = dict(zip(rows, sub.gather(1, picks[:, None])[:, 0].tolist()))
-    out = []
-    for i, seq in enumerate(seqs):
-        top: list[tuple[int, float]] = []
-        if seq.params.top_n_tokens:
-            values, ids = torch.topk(logits[i], seq.params.top_n_tokens)
-            top = [(t, v - lse[i]) for t, v in zip(ids.tolist(), values.tolist())]
-        out.append(Sample(chosen_ids[i], picked[i] - lse[i] if i in lse else None, top))
-    return out
+    return [Sample(chosen_ids[i], picked[i] - lse[i] if i in lse else None, top.get(i, []))
+            for i in range(len(seqs))]

@@ -26,6 +26,8 @@ class SamplingParams:
     top_n_tokens: int = 0  # alternatives reported per generated token
     logprobs: bool = True  # report each token's logprob (costs a pass over the vocabulary)
     deadline: float | None = None  # time.monotonic() after which the request ends with `length`
+    # A compiled sagellm.engine.constraint.Grammar: the output must match it (structured output).
+    grammar: object | None = None
     # Score every prompt token (TGI's decoder_input_details); delivered on the first TokenEvent.
     prompt_logprobs: bool = False
 

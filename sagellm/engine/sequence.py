@@ -41,6 +41,8 @@ class Sequence:
         if params.do_sample:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else 0)
+        # Constrained decoding state (sagellm.engine.constraint.Matcher), one per sequence.
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self.aborted = False
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None

@@ -128,6 +128,13 @@ def make_context(settings: Settings, lm, engine) -> ServingContext:
         return [(i, s, e) for i, (s, e) in zip(enc.input_ids, enc["offset_mapping"])]
 
     lim = lm.limits
+    compile_grammar = None
+    if not settings.disable_grammar_support:
+        from sagellm.engine.constraint import GrammarCompiler
+
+        mc = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        compile_grammar = GrammarCompiler(tok, mc.vocab_size, engine.eos_token_ids,
+                                          timeout_s=settings.grammar_compile_timeout_s).compile
     return ServingContext(
         settings=settings, model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
         dtype=str(lm.dtype).replace("torch.", ""), max_input_tokens=lim.max_input_tokens,
@@ -136,4 +143,5 @@ def make_context(settings: Settings, lm, engine) -> ServingContext:
         tokenize=tokenize, tokenize_offsets=offsets,
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         render_chat=lambda messages, **kw: lm.chat.render(messages, **kw),
-        encode_chat=lm.chat.encode, submit=engine.submit)
+        encode_chat=lm.chat.encode, submit=engine.submit, compile_grammar=compile_grammar,
+        template_shows_tools=lm.chat.shows_tools)

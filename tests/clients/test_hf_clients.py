@@ -13,19 +13,6 @@ MESSAGES = [{"role": "user", "content": "Name three colors."}]
 
 
 @pytest.fixture(scope="module")
-def hub(server):
-    """An InferenceClient on the local server. conftest sets HF_HUB_OFFLINE=1 (for the model
-    load), and huggingface_hub >= 1.0 refuses every request in offline mode, even to a local
-    base_url; lift that for this module only."""
-    import huggingface_hub.constants as hc
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(hc, "HF_HUB_OFFLINE", False)
-    yield huggingface_hub.InferenceClient(base_url=server.url, timeout=300)
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def tgi(server):
     return text_generation.Client(server.url, timeout=300)
 

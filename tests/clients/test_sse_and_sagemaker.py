@@ -221,3 +221,33 @@ def test_metrics_request_count(server):
     before = _request_count(server)
     assert post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}}).status_code == 200
     assert _request_count(server) >= before + 1
+
+
+# ---- introspection through /invocations (the only route SageMaker users reach) ----
+
+def test_invocations_action_info(server):
+    body = requests.post(server.url + "/invocations", json={"action": "info"}, timeout=30).json()
+    assert body == {**requests.get(server.url + "/info", timeout=30).json(),
+                    "invocations_actions": ["info", "tokenize", "apply_chat_template"]}
+
+
+def test_invocations_action_tokenize(server):
+    body = requests.post(server.url + "/invocations", json={"action": "tokenize", "inputs": "Hello world"},
+                         timeout=30).json()
+    assert body["tokens"] == requests.post(server.url + "/tokenize", json={"inputs": "Hello world"}, timeout=30).json()
+    assert body["count"] == len(body["tokens"])
+
+
+def test_invocations_action_apply_chat_template_counts_what_a_chat_uses(server):
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 3}
+    shown = requests.post(server.url + "/invocations", json={"action": "apply_chat_template", **chat},
+                          timeout=30).json()
+    assert "What is the capital of France?" in shown["prompt"] and shown["prompt"].endswith("assistant\n")
+    used = requests.post(server.url + "/invocations", json=chat, timeout=60).json()["usage"]
+    assert shown["prompt_tokens"] == used["prompt_tokens"] == len(shown["token_ids"])
+    assert shown["max_new_tokens"] == 3 and shown["max_total_tokens"] > shown["prompt_tokens"]
+
+
+def test_invocations_unknown_action(server):
+    r = requests.post(server.url + "/invocations", json={"action": "explode"}, timeout=30)
+    assert r.status_code == 422 and "`action` must be one of" in r.json()["error"]
