@@ -13,7 +13,7 @@ MODEL_STAMP := $(VENV)/.model-converted
 CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
   tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py
 
-.PHONY: help install install-dev model run test test-unit clean bench bench-peers gpu-carry docker base-image image image-gpu image-test
+.PHONY: help install install-dev model run test test-unit clean bench bench-peers bench-structured gpu-carry docker base-image image image-gpu image-test
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
@@ -59,6 +59,10 @@ clean:
 # Benchmarks: not tests. Figures are only comparable within one run (these machines are noisy).
 bench: install-dev model
 	$(BIN)/python bench/run.py
+
+# Structured output's cost: the same cells with and without a JSON schema, and compile times.
+bench-structured: install-dev model
+	$(BIN)/python bench/structured.py
 
 bench-peers: install-dev model
 	bash bench/install_peers.sh

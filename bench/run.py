@@ -112,10 +112,12 @@ class Running:
         self.log.close()
 
 
-def run_cell(srv: Running, c: int, n: int, max_tokens: int) -> dict:
+def run_cell(srv: Running, c: int, n: int, max_tokens: int, extra_body: dict | None = None) -> dict:
     argv = [sys.executable, str(LOADGEN), "--url", srv.url, "--model", "smollm2", "--concurrency", str(c),
             "--requests", str(n), "--max-tokens", str(max_tokens), "--force", srv.force, "--warmup", "2",
             "--label", srv.name]
+    if extra_body:
+        argv += ["--extra-body", json.dumps(extra_body)]
     if srv.force == "logit_bias":
         argv += ["--ban-token-ids", *map(str, SMOLLM_EOS)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=3600)

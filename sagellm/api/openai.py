@@ -67,6 +67,13 @@ def _sampling(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs
                         logprobs=logprobs)
 
 
+def _check_n(ctx: ServingContext, req) -> int:
+    if req.n is not None and not 1 <= req.n <= ctx.settings.max_choices:
+        raise invalid(f"`n` must be >= 1 and <= {ctx.settings.max_choices}. Given: {req.n}"
+                      " (MAX_CHOICES)", "n")
+    return req.n or 1
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -129,9 +136,7 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
             raise invalid(f"`top_logprobs` must be >= 0 and <= {ctx.settings.max_top_n_tokens}. "
                           f"Given: {req.top_logprobs}", "top_logprobs")
         top_n = req.top_logprobs
-    if req.n is not None and not 1 <= req.n <= ctx.settings.max_choices:
-        raise invalid(f"`n` must be >= 1 and <= {ctx.settings.max_choices}. Given: {req.n}"
-                      " (MAX_CHOICES)", "n")
+    _check_n(ctx, req)
     tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     if tools is not None and req.response_format is not None and req.response_format.get("type") != "text":
         raise ToolError("Tool error: `tools` and `response_format` cannot be combined in one request; "
@@ -262,7 +267,7 @@ def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     base = {"id": cid, "created": created, "model": ctx.served_name, "system_fingerprint": FINGERPRINT}
     choices = [_choice_events(ctx, job, i, h) for i, h in enumerate(handles)]
     if job.req.stream:
-        return StreamResponse(_chat_stream(job.req, choices, base, len(job.ids)), dict(SSE_HEADERS))
+        return StreamResponse(_chat_stream(job.req, choices, handles, base, len(job.ids)), dict(SSE_HEADERS))
     out, n_out = [], 0
     try:
         for index, parts in enumerate(choices):
@@ -293,15 +298,21 @@ def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     finally:
         for parts in choices:
             parts.close()
+        for h in handles:  # choices never started (an earlier one failed) hold requests too
+            h.abort()
     return JsonResponse({**base, "object": "chat.completion", "choices": out,
                          "usage": _usage(len(job.ids), n_out)})
 
 
 def _merge_parts(choices):
-    """(index, part) from several choices' part streams, in the order they come."""
+    """(index, part) from several choices' part streams, in the order they come. Each part
+    stream is closed by the thread that runs it."""
     if len(choices) == 1:
-        for part in choices[0]:
-            yield 0, part
+        try:
+            for part in choices[0]:
+                yield 0, part
+        finally:
+            choices[0].close()
         return
     q: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
@@ -332,7 +343,7 @@ def _merge_parts(choices):
         stop.set()
 
 
-def _chat_stream(req, choices, base, n_prompt):
+def _chat_stream(req, choices, handles, base, n_prompt):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
 
@@ -377,8 +388,8 @@ def _chat_stream(req, choices, base, n_prompt):
         yield SSE_DONE
     finally:
         merged.close()
-        for parts in choices:
-            parts.close()
+        for h in handles:  # a client gone mid-stream: stop every choice now
+            h.abort()
 
 
 # ---- completions ----
@@ -393,12 +404,16 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     if len(prompts) > ctx.settings.max_client_batch_size:
         raise ValidationError(f"Number of prompts exceeds the maximum allowed batch size of "
                               f"{ctx.settings.max_client_batch_size} (MAX_CLIENT_BATCH_SIZE)", param="prompt")
-    jobs = []
+    n = _check_n(ctx, req)
+    jobs = []  # choice index = prompt index * n + j, as OpenAI numbers them
+    n_prompt = 0
     for i, text in enumerate(prompts):
         if not text:
             raise invalid(f"`prompt` {i} cannot be empty", "prompt")
         ids = ctx.tokenize(text, True)
-        jobs.append((text, ids, _sampling(ctx, req, len(ids), "prompt")))
+        n_prompt += len(ids)
+        params = _sampling(ctx, req, len(ids), "prompt")
+        jobs.extend((text, ids, _choice_params(params, j)) for j in range(n))
     handles = []
     try:
         for _, ids, params in jobs:
@@ -410,7 +425,6 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": cid, "object": "text_completion", "created": created, "model": ctx.served_name,
             "system_fingerprint": FINGERPRINT}
-    n_prompt = sum(len(ids) for _, ids, _ in jobs)
     if req.stream:
         return StreamResponse(_completion_stream(req, handles, base, n_prompt), dict(SSE_HEADERS))
     choices, n_out = [], 0

@@ -261,3 +261,12 @@ def test_native_grammar_parameter(server, stream):
     else:
         text = r.json()["generated_text"]
     jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_completions_n_choices_per_prompt(client):
+    r = client.completions.create(model="x", prompt=["The sky is", "Grass is"], max_tokens=6, temperature=1.0,
+                                  seed=3, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    first = client.completions.create(model="x", prompt="The sky is", max_tokens=6, temperature=1.0, seed=3)
+    assert r.choices[0].text == first.choices[0].text and r.choices[1].text != r.choices[0].text
+    assert r.usage.completion_tokens <= 24
