@@ -304,41 +304,45 @@ def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
                          "usage": _usage(len(job.ids), n_out)})
 
 
-def _merge_parts(choices):
-    """(index, part) from several choices' part streams, in the order they come. Each part
-    stream is closed by the thread that runs it."""
-    if len(choices) == 1:
+def _interleave(sources, on_error):
+    """(index, item) from several iterators, in the order the items come. Each runs, and is
+    closed, in its own thread; an exception becomes the item `on_error(exc)`."""
+    if len(sources) == 1:
         try:
-            for part in choices[0]:
-                yield 0, part
+            for item in sources[0]:
+                yield 0, item
+        except Exception as exc:
+            yield 0, on_error(exc)
         finally:
-            choices[0].close()
+            if hasattr(sources[0], "close"):
+                sources[0].close()
         return
     q: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
 
-    def pump(i, parts):
+    def pump(i, source):
         try:
-            for part in parts:
+            for item in source:
                 if stop.is_set():
                     break
-                q.put((i, part))
-        except Exception as exc:  # engine died: surface as an error
-            q.put((i, ("error", str(exc))))
+                q.put((i, item))
+        except Exception as exc:  # engine died: surface it in the stream
+            q.put((i, on_error(exc)))
         finally:
-            parts.close()
+            if hasattr(source, "close"):
+                source.close()
             q.put((i, StopIteration))
 
-    for i, parts in enumerate(choices):
-        threading.Thread(target=pump, args=(i, parts), daemon=True).start()
-    open_ = len(choices)
+    for i, source in enumerate(sources):
+        threading.Thread(target=pump, args=(i, source), daemon=True).start()
+    open_ = len(sources)
     try:
         while open_:
-            i, part = q.get()
-            if part is StopIteration:
+            i, item = q.get()
+            if item is StopIteration:
                 open_ -= 1
                 continue
-            yield i, part
+            yield i, item
     finally:
         stop.set()
 
@@ -361,7 +365,7 @@ def _chat_stream(req, choices, handles, base, n_prompt):
     n_out, open_ = 0, len(choices)
     for i in range(len(choices)):
         yield chunk(i, {"role": "assistant", "content": ""})
-    merged = _merge_parts(choices)
+    merged = _interleave(choices, lambda exc: ("error", str(exc)))
     try:
         for i, part in merged:
             if part is None:
@@ -441,31 +445,8 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     return JsonResponse({**base, "choices": choices, "usage": _usage(n_prompt, n_out)})
 
 
-def _merged(handles):
-    """Events of several requests as (index, event), in the order they are produced."""
-    if len(handles) == 1:
-        for ev in handles[0].iter_events(15.0):
-            yield 0, ev
-        return
-    q: queue.SimpleQueue = queue.SimpleQueue()
-
-    def pump(i, h):
-        try:
-            for ev in h.iter_events():
-                q.put((i, ev))
-        except Exception as exc:  # engine died: surface as an error event
-            q.put((i, TokenEvent(0, -1, "", 0.0, True, "", [], FinishReason.ERROR, None, str(exc))))
-        q.put((i, None))
-
-    for i, h in enumerate(handles):
-        threading.Thread(target=pump, args=(i, h), daemon=True).start()
-    open_ = len(handles)
-    while open_:
-        i, ev = q.get()
-        if ev is None:
-            open_ -= 1
-            continue
-        yield i, ev
+def _error_event(exc: Exception) -> TokenEvent:
+    return TokenEvent(0, -1, "", 0.0, True, "", [], FinishReason.ERROR, None, str(exc))
 
 
 def _completion_stream(req, handles, base, n_prompt):
@@ -473,7 +454,7 @@ def _completion_stream(req, handles, base, n_prompt):
     n_out = 0
     done = False
     try:
-        for i, ev in _merged(handles):
+        for i, ev in _interleave([h.iter_events(15.0) for h in handles], _error_event):
             if ev is None:
                 yield b":\n\n"
                 continue
