@@ -174,6 +174,8 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
     params = _sampling(ctx, req, len(ids), "messages", top_n, logprobs=bool(req.logprobs))
     if grammar is not None:
         params = dataclasses.replace(params, grammar=grammar)
+    if tools is not None:  # a stop string inside the arguments would break the call's JSON
+        params = dataclasses.replace(params, stop=())
     return ChatJob(req, ids, params, tools, plain, rendered[0])
 
 

@@ -55,6 +55,12 @@ def test_tool_call_arguments_match_the_schema(client, choice):
     assert args["city"] == "Paris"
 
 
+def test_stop_strings_do_not_cut_a_tool_call(client):
+    reply = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           temperature=0, max_tokens=100, stop=["Paris", '"'])
+    assert json.loads(reply.choices[0].message.tool_calls[0].function.arguments)["city"] == "Paris"
+
+
 def test_named_tool_choice_calls_that_function(client):
     reply = client.chat.completions.create(model="x", messages=ASK, tools=[WEATHER, TIME], temperature=0,
                                            tool_choice={"type": "function", "function": {"name": "get_time"}},
