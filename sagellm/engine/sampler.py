@@ -26,11 +26,11 @@ class Sample:
 def _apply_penalties(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> None:
     p = seq.params
     if p.repetition_penalty != 1.0:
-        ids = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long)
+        ids = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=row.device)
         scores = row[ids]
         row[ids] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and seq.output_ids:
-        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=row.shape[0]).to(row.dtype)
+        counts = torch.bincount(torch.tensor(seq.output_ids, device=row.device), minlength=row.shape[0]).to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     for token_id, bias in p.logit_bias:
         row[token_id] += bias
@@ -73,8 +73,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]
     lse: dict[int, float] = {}
     top: dict[int, list[tuple[int, float]]] = {}
+    every = len(rows) == len(seqs)
+    idx = None if every or not rows else torch.tensor(rows, device=logits.device)
     if rows:
-        sub = logits if len(rows) == len(seqs) else logits.index_select(0, torch.tensor(rows))
+        sub = logits if every else logits.index_select(0, idx)
         lse = dict(zip(rows, torch.logsumexp(sub, dim=-1).tolist()))
         for i in rows:
             if seqs[i].params.top_n_tokens:
@@ -90,12 +92,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     for i, seq in enumerate(seqs):
         if seq.params.do_sample:
             probs = _warp(logits[i], seq).softmax(-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+            # The seeded generator lives on the CPU (the same seed draws the same tokens anywhere).
+            chosen[i] = torch.multinomial(probs.cpu(), 1, generator=seq.generator)[0]
     chosen_ids = chosen.tolist()
     picked = {}
     if rows:  # the chosen token's logit is untouched by the grammar mask (it was allowed)
-        picks = chosen if len(rows) == len(seqs) else chosen.index_select(0, torch.tensor(rows))
-        sub = logits if len(rows) == len(seqs) else logits.index_select(0, torch.tensor(rows))
+        picks = chosen if every else chosen.index_select(0, idx)
+        sub = logits if every else logits.index_select(0, idx)
         picked = dict(zip(rows, sub.gather(1, picks[:, None])[:, 0].tolist()))
     return [Sample(chosen_ids[i], picked[i] - lse[i] if i in lse else None, top.get(i, []))
             for i in range(len(seqs))]
