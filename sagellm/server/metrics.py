@@ -24,11 +24,18 @@ class Metrics:
         self.in_flight = Gauge("sagellm_requests_in_flight", "Generation requests in flight", registry=r)
         self.queue = Gauge("tgi_queue_size", "Sequences waiting for the engine", registry=r)
         self.batch = Gauge("tgi_batch_current_size", "Sequences in the running batch", registry=r)
+        # Where the engine's time goes under real load (bench/profile_step.py measures it offline).
+        self.steps = Gauge("sagellm_engine_steps", "Engine steps run since start", registry=r)
+        self.phases = Gauge("sagellm_engine_phase_seconds", "Engine time per step phase since start, summed",
+                            ["phase"], registry=r)
 
     def render(self, engine) -> bytes:
         if engine is not None:
             self.queue.set(len(engine.scheduler.waiting))
             self.batch.set(len(engine.scheduler.running))
+            self.steps.set(engine.num_steps)
+            for phase, seconds in list(engine.phase_seconds.items()):
+                self.phases.labels(phase).set(seconds)
         return generate_latest(self.registry)
 
 

@@ -223,6 +223,15 @@ def test_metrics_request_count(server):
     assert _request_count(server) >= before + 1
 
 
+def test_metrics_engine_phases(server):
+    assert post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}).status_code == 200
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    steps = float(re.search(r"^sagellm_engine_steps (\S+)$", text, re.M).group(1))
+    phases = dict(re.findall(r'^sagellm_engine_phase_seconds\{phase="(\w+)"\} (\S+)$', text, re.M))
+    assert steps >= 2 and set(phases) == {"schedule", "prepare", "forward", "sample", "output"}
+    assert float(phases["forward"]) > 0
+
+
 # ---- introspection through /invocations (the only route SageMaker users reach) ----
 
 def test_invocations_action_info(server):
