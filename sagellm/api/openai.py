@@ -411,6 +411,10 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
         raise ValidationError(f"Number of prompts exceeds the maximum allowed batch size of "
                               f"{ctx.settings.max_client_batch_size} (MAX_CLIENT_BATCH_SIZE)", param="prompt")
     n = _check_n(ctx, req)
+    top_n = req.logprobs or 0  # legacy logprobs: an int, the alternatives per token
+    if req.logprobs is not None and not 0 <= req.logprobs <= ctx.settings.max_top_n_tokens:
+        raise invalid(f"`logprobs` must be >= 0 and <= {ctx.settings.max_top_n_tokens}. Given: {req.logprobs}",
+                      "logprobs")
     jobs = []  # choice index = prompt index * n + j, as OpenAI numbers them
     n_prompt = 0
     for i, text in enumerate(prompts):
@@ -418,7 +422,7 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
             raise invalid(f"`prompt` {i} cannot be empty", "prompt")
         ids = ctx.tokenize(text, True)
         n_prompt += len(ids)
-        params = _sampling(ctx, req, len(ids), "prompt")
+        params = _sampling(ctx, req, len(ids), "prompt", top_n, logprobs=req.logprobs is not None)
         jobs.extend((text, ids, _choice_params(params, j)) for j in range(n))
     handles = []
     try:
@@ -439,12 +443,29 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
             events, finish = collect(handle)
             n_out += len(events)
             out_text = "".join(e.delta for e in events)
-            choices.append({"index": i, "text": (text + out_text) if req.echo else out_text, "logprobs": None,
+            start = len(text) if req.echo else 0
+            choices.append({"index": i, "text": (text + out_text) if req.echo else out_text,
+                            "logprobs": _legacy_logprobs(events, start) if req.logprobs is not None else None,
                             "finish_reason": finish_reason(finish), "stop_reason": events[-1].stop_reason})
     finally:
         for h in handles:
             h.abort()
     return JsonResponse({**base, "choices": choices, "usage": _usage(n_prompt, n_out)})
+
+
+def _legacy_logprobs(events: list[TokenEvent], offset: int) -> dict:
+    """The completions API's logprobs: parallel lists per token; text_offset counts characters
+    of the choice's text (after the prompt when echo is on)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ev in events:
+        if ev.special and ev.finish_reason == FinishReason.EOS_TOKEN:
+            continue
+        out["tokens"].append(ev.text)
+        out["token_logprobs"].append(ev.logprob)
+        out["top_logprobs"].append({t.text: t.logprob for t in ev.top_tokens})
+        out["text_offset"].append(offset)
+        offset += len(ev.delta)
+    return out
 
 
 def _error_event(exc: Exception) -> TokenEvent:
@@ -455,6 +476,7 @@ def _completion_stream(req, handles, base, n_prompt):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n_out = 0
     done = False
+    offsets = [0] * len(handles)
     try:
         for i, ev in _interleave([h.iter_events(15.0) for h in handles], _error_event):
             if ev is None:
@@ -466,8 +488,12 @@ def _completion_stream(req, handles, base, n_prompt):
                 break
             n_out += 1
             finish = finish_reason(ev.finish_reason) if ev.finish_reason is not None else None
-            if ev.delta or finish:
-                ch = {"index": i, "text": ev.delta, "logprobs": None, "finish_reason": finish}
+            lp = None
+            if req.logprobs is not None and not (ev.special and ev.finish_reason == FinishReason.EOS_TOKEN):
+                lp = _legacy_logprobs([ev], offsets[i])
+                offsets[i] += len(ev.delta)
+            if ev.delta or finish or lp:
+                ch = {"index": i, "text": ev.delta, "logprobs": lp, "finish_reason": finish}
                 if finish:
                     ch["stop_reason"] = ev.stop_reason
                 yield sse({**base, "choices": [ch]})

@@ -276,3 +276,20 @@ def test_completions_n_choices_per_prompt(client):
     first = client.completions.create(model="x", prompt="The sky is", max_tokens=6, temperature=1.0, seed=3)
     assert r.choices[0].text == first.choices[0].text and r.choices[1].text != r.choices[0].text
     assert r.usage.completion_tokens <= 24
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_legacy_logprobs(client, stream):
+    kw = dict(model="x", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=3)
+    if stream:
+        chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+        text = "".join(c.choices[0].text for c in chunks)
+        lp = {k: [v for c in chunks if c.choices[0].logprobs for v in getattr(c.choices[0].logprobs, k)]
+              for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, lp = choice.text, choice.logprobs.model_dump()
+    assert "".join(lp["tokens"]) == text and len(lp["token_logprobs"]) == len(lp["tokens"])
+    assert all(len(top) == 3 and max(top.values()) >= lp_ - 1e-6
+               for top, lp_ in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
