@@ -28,10 +28,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_batch_size: int, max_prefill_tokens: int):
+    def __init__(self, cache: PagedKVCache, max_batch_size: int, max_prefill_tokens: int,
+                 max_prompt_logprob_rows: int = 512):
         self.cache = cache
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        # Scoring prompt tokens keeps a full logits row per position (vocabulary x 4 bytes, 0.5 MB
+        # for a 128k vocabulary): such prefills go in chunks of at most this many tokens a step.
+        self.max_prompt_logprob_rows = max_prompt_logprob_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -54,11 +58,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_prefill_tokens
+        rows = self.max_prompt_logprob_rows
+
+        def chunk(seq: Sequence, budget: int) -> int:
+            want = min(seq.num_uncomputed, budget)
+            return min(want, rows) if seq.params.prompt_logprobs else want
         # Running sequences, oldest first: decodes always run; unfinished prefills take chunks.
         for seq in list(self.running):
             if seq not in self.running:  # preempted by an older sequence in this loop
                 continue
-            want = 1 if seq.num_uncomputed == 1 else min(seq.num_uncomputed, budget)
+            want = 1 if seq.num_uncomputed == 1 else chunk(seq, budget)
             if want == 0:
                 continue
             if not self._reserve(seq, want, batch):
@@ -68,10 +77,13 @@ class Scheduler:
             else:
                 batch.prefills.append((seq, want))
                 budget -= want
+                rows -= want if seq.params.prompt_logprobs else 0
         # Admit new sequences in arrival order while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            want = min(seq.num_uncomputed, budget)
+            want = chunk(seq, budget)
+            if want == 0:
+                break  # no room for its scored rows this step; arrival order is kept
             if self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table) > self.cache.allocator.num_free:
                 break  # waits until blocks are freed
             self.waiting.popleft()
@@ -80,6 +92,7 @@ class Scheduler:
             self.running.append(seq)
             batch.prefills.append((seq, want))
             budget -= want
+            rows -= want if seq.params.prompt_logprobs else 0
         return batch
 
     def _reserve(self, seq: Sequence, want: int, batch: ScheduledBatch) -> bool:

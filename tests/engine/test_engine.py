@@ -244,6 +244,37 @@ def test_chunked_prompt_logprobs_equal_unchunked(chat_ids, loaded_model, referen
     assert max(abs(a - w) for a, w in zip(chunked[1:], want)) < 1e-3
 
 
+def test_scored_prompts_prefill_in_bounded_chunks(chat_ids, loaded_model):
+    """Prompt logprobs keep a logits row per prompt token: the scheduler caps those rows per step
+    (max_prompt_logprob_rows) even when the prefill budget would take the whole prompt, while an
+    unscored prompt in the same steps still prefills at once."""
+    ids = chat_ids(" ".join(QUESTIONS) * 2)
+    engine = LLMEngine(loaded_model.model, loaded_model.tokenizer,
+                       EngineConfig(max_batch_size=8, max_prefill_tokens=4096, max_total_tokens=2048,
+                                    num_kv_blocks=256), loaded_model.eos_token_ids)
+    engine.scheduler.max_prompt_logprob_rows = 32
+    chunks = []
+    real_schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = real_schedule()
+        chunks.extend((s.params.prompt_logprobs, n) for s, n in batch.prefills)
+        return batch
+    engine.scheduler.schedule = recording
+    engine.start()
+    try:
+        scored = engine.submit(ids, greedy(2, prompt_logprobs=True))
+        plain = engine.submit(ids, greedy(2))
+        got = prompt_logprobs(scored)
+        list(plain)
+    finally:
+        engine.stop()
+    assert len(got) == len(ids) and all(t.logprob is not None for t in got[1:])
+    assert max(n for wanted, n in chunks if wanted) == 32
+    assert sum(n for wanted, n in chunks if wanted) == len(ids)
+    assert [n for wanted, n in chunks if not wanted] == [len(ids)]
+
+
 def test_preempted_requests_report_prompt_logprobs_once(chat_ids, loaded_model, reference_model, monkeypatch):
     # As in test_full_cache_makes_requests_wait_not_crash: too few blocks, so requests are
     # preempted and their prompt (and output so far) prefilled again, some in the middle of a
