@@ -11,7 +11,7 @@ see it, instead of generating.
 
 from __future__ import annotations
 
-from sagellm.api import openai, tgi
+from sagellm.api import chat, tgi
 from sagellm.api.context import ServingContext
 from sagellm.api.info import info
 from sagellm.api.responses import JsonResponse
@@ -28,7 +28,7 @@ def introspect(ctx: ServingContext, body: dict) -> JsonResponse:
         tokens = tgi.tokenize(ctx, body).body
         return JsonResponse({"tokens": tokens, "count": len(tokens)})
     if action in ("tokenize", "apply_chat_template"):
-        job = openai.prepare_chat(ctx, {k: v for k, v in body.items() if k != "action"})
+        job = chat.prepare_chat(ctx, {k: v for k, v in body.items() if k != "action"})
         return JsonResponse({
             "prompt": job.prompt, "prompt_tokens": len(job.ids), "token_ids": job.ids,
             "max_new_tokens": job.params.max_new_tokens, "max_input_tokens": ctx.max_input_tokens,

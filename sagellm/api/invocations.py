@@ -7,7 +7,7 @@ A body with "action" asks for introspection instead (sagellm/api/introspect.py).
 
 from __future__ import annotations
 
-from sagellm.api import openai, tgi
+from sagellm.api import chat, openai, tgi
 from sagellm.api.context import ServingContext
 from sagellm.api.introspect import introspect
 from sagellm.api.responses import JsonResponse, StreamResponse
@@ -28,7 +28,7 @@ def native(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
 
 SHAPES = (
     ("inputs", "TGI native", native),
-    ("messages", "Messages (chat completions)", openai.chat),
+    ("messages", "Messages (chat completions)", chat.chat),
     ("prompt", "completions", openai.completions),
 )
 

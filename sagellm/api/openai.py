@@ -1,29 +1,27 @@
-"""The OpenAI API: /v1/chat/completions, /v1/completions, /v1/models (and /invocations bodies of
-those shapes). finish_reason is "stop", "length" or "tool_calls"; stop strings are cut from the
-text; `stop_reason` names the stop string or token that ended a choice."""
+"""The OpenAI API: /v1/completions and /v1/models (and /invocations bodies of that shape), and
+what chat.py (/v1/chat/completions) shares with them: request fields -> SamplingParams, choices,
+usage, interleaving several choices' streams. finish_reason is "stop", "length" or (chat)
+"tool_calls"; stop strings are cut from the text; `stop_reason` names the stop string or token
+that ended a choice."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 from sagellm import __version__
 from sagellm.api.context import ServingContext
 from sagellm.api.parse import parse
-from sagellm.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
-from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResponse, StreamResponse, sse
+from sagellm.api.protocol import CompletionRequest, _OpenAISampling
+from sagellm.api.responses import SSE_DONE, SSE_HEADERS, JsonResponse, StreamResponse, sse
 from sagellm.api.sampling import build_params, check_common, invalid, resolve_max_new
-from sagellm.api.structured import grammar_for
 from sagellm.api.tgi import collect
-from sagellm.api.tools import CallStreamer, ToolPlan, parse_calls, plan_tools
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
-from sagellm.errors import GenerationError, ToolError, ValidationError
+from sagellm.errors import ValidationError
 
 FINGERPRINT = f"sagellm-{__version__}"
 
@@ -38,7 +36,7 @@ def _stops(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _sampling(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs_name: str,
+def openai_params(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs_name: str,
               top_n: int = 0, logprobs: bool = False):
     stop = _stops(req.stop)
     requested = next((v for v in (req.max_completion_tokens, req.max_tokens, req.max_new_tokens)
@@ -67,246 +65,25 @@ def _sampling(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, inputs
                         logprobs=logprobs)
 
 
-def _check_n(ctx: ServingContext, req) -> int:
+def check_n(ctx: ServingContext, req) -> int:
     if req.n is not None and not 1 <= req.n <= ctx.settings.max_choices:
         raise invalid(f"`n` must be >= 1 and <= {ctx.settings.max_choices}. Given: {req.n}"
                       " (MAX_CHOICES)", "n")
     return req.n or 1
 
 
-def _usage(prompt: int, completion: int) -> dict:
+def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-# ---- chat ----
-
-def _flatten(msg, ctx: ServingContext) -> dict:
-    content = msg.content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if part.type != "text":
-                raise invalid(f"`content` part of type {part.type!r} is not supported by this "
-                              "text-only model; send text parts", "messages")
-            texts.append(part.text)
-        content = "".join(texts)
-    out = {"role": msg.role, "content": content if content is not None else ""}
-    if msg.tool_calls:
-        if ctx.template_shows_tools:
-            out["tool_calls"] = msg.tool_calls
-        elif not out["content"]:  # the template cannot show them: write them as this server asks for calls
-            out["content"] = json.dumps([_call_as_written(c) for c in msg.tool_calls], ensure_ascii=False)
-    if msg.tool_call_id:
-        out["tool_call_id"] = msg.tool_call_id
-    if msg.name:
-        out["name"] = msg.name
-    return out
-
-
-def _call_as_written(call: dict) -> dict:
-    fn = call.get("function") or {}
-    args = fn.get("arguments", "{}")
-    try:
-        args = json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        pass
-    return {"name": fn.get("name"), "arguments": args}
-
-
-@dataclass
-class ChatJob:
-    """A validated chat request: what to submit per choice, and how to answer in text instead
-    when tool_choice "auto" lets the model decline every tool."""
-
-    req: ChatCompletionRequest
-    ids: list[int]
-    params: SamplingParams
-    tools: ToolPlan | None
-    plain: tuple[list[int], SamplingParams] | None  # the tool-free prompt for a declined call
-    prompt: str = ""  # the rendered conversation, as the model sees it
-
-
-def prepare_chat(ctx: ServingContext, body) -> ChatJob:
-    req = parse(ChatCompletionRequest, body)
-    top_n = 0
-    if req.top_logprobs is not None:
-        if not req.logprobs:
-            raise invalid("`top_logprobs` needs `logprobs: true`", "top_logprobs")
-        if not 0 <= req.top_logprobs <= ctx.settings.max_top_n_tokens:
-            raise invalid(f"`top_logprobs` must be >= 0 and <= {ctx.settings.max_top_n_tokens}. "
-                          f"Given: {req.top_logprobs}", "top_logprobs")
-        top_n = req.top_logprobs
-    _check_n(ctx, req)
-    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-    if tools is not None and req.response_format is not None and req.response_format.get("type") != "text":
-        raise ToolError("Tool error: `tools` and `response_format` cannot be combined in one request; "
-                        "describe the answer's shape in a tool's parameters instead", param="response_format")
-    grammar = grammar_for(ctx, req.response_format, "response_format")
-    messages = [_flatten(m, ctx) for m in req.messages]
-    cont = req.continue_final_message if req.continue_final_message is not None else messages[-1]["role"] == "assistant"
-
-    rendered = []
-
-    def render(msgs, with_tools: bool) -> list[int]:
-        prompt = ctx.render_chat(msgs, tools=tools.template_tools() if with_tools and ctx.template_shows_tools
-                                 else None, add_generation_prompt=not cont, continue_final_message=cont,
-                                 kwargs=req.chat_template_kwargs)
-        rendered.append(prompt)
-        return ctx.encode_chat(prompt)
-
-    plain = None
-    if tools is not None:
-        if cont:
-            raise ToolError("Tool error: tools cannot continue a final assistant message", param="messages")
-        if ctx.compile_grammar is None:
-            raise ToolError("Tool error: tools need constrained decoding (DISABLE_GRAMMAR_SUPPORT is set)",
-                            param="tools")
-        grammar = ctx.compile_grammar("json_schema", tools.schema(), "tools")
-        instruction = req.tool_prompt or tools.prompt(with_list=not ctx.template_shows_tools)
-        last = dict(messages[-1])
-        last["content"] = f"{last['content']}\n---\n{instruction}"
-        ids = render(messages[:-1] + [last], True)
-        if tools.allow_text:
-            plain_ids = render(messages, False)
-            plain = (plain_ids, _sampling(ctx, req, len(plain_ids), "messages", top_n, bool(req.logprobs)))
-    else:
-        ids = render(messages, False)
-    params = _sampling(ctx, req, len(ids), "messages", top_n, logprobs=bool(req.logprobs))
-    if grammar is not None:
-        params = dataclasses.replace(params, grammar=grammar)
-    if tools is not None:  # a stop string inside the arguments would break the call's JSON
-        params = dataclasses.replace(params, stop=())
-    return ChatJob(req, ids, params, tools, plain, rendered[0])
-
-
-def _logprob_entry(ctx, ev: TokenEvent) -> dict:
-    def one(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-    entry = one(ev.text, ev.logprob)
-    entry["top_logprobs"] = [one(t.text, t.logprob) for t in ev.top_tokens]
-    return entry
-
-
-def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """Choice `index` of n: its own seed (seed + index), so choices differ but reproduce."""
     if index and params.do_sample and params.seed is not None:
         return dataclasses.replace(params, seed=(params.seed + index) % 2**64)
     return params
 
 
-def _choice_events(ctx: ServingContext, job: ChatJob, index: int, handle):
-    """One choice as a sequence of parts: ("text", delta, logprobs entries or None),
-    ("calls", tool_call deltas), ("end", finish_reason, stop_reason, completion tokens),
-    ("error", message); None while idle. A declined tool call (`no_tool`) is replaced by a
-    plain answer to the tool-free prompt. Closing it aborts the request."""
-    streamer = CallStreamer() if job.tools is not None else None
-    n_out = 0
-    done = False
-    try:
-        for ev in handle.iter_events(15.0):
-            if ev is None:
-                yield None
-                continue
-            if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
-                done = True
-                yield ("error", ev.error or "aborted")
-                return
-            n_out += 1
-            if streamer is None:
-                lp = None
-                if job.req.logprobs and not (ev.special and ev.finish_reason == FinishReason.EOS_TOKEN):
-                    lp = [_logprob_entry(ctx, ev)]
-                if ev.delta or lp:
-                    yield ("text", ev.delta, lp)
-            else:
-                deltas, first = streamer.feed(ev.delta)
-                if first == job.tools.no_tool and job.plain is not None:
-                    handle.abort()
-                    done = True
-                    plain_ids, plain_params = job.plain
-                    plain_job = dataclasses.replace(job, ids=plain_ids, params=plain_params, tools=None, plain=None)
-                    yield from _choice_events(ctx, plain_job, index,
-                                              ctx.submit(plain_ids, _choice_params(plain_params, index)))
-                    return
-                if deltas:
-                    yield ("calls", deltas)
-            if ev.finish_reason is not None:
-                done = True
-                reason = finish_reason(ev.finish_reason)
-                if streamer is not None:
-                    calls = parse_calls(streamer.text)
-                    if calls is not None:
-                        reason = "tool_calls"
-                    elif ev.finish_reason != FinishReason.LENGTH:
-                        yield ("error", "the model's tool call did not complete")
-                        return
-                    else:
-                        yield ("text", streamer.text, None)  # cut by the token limit: shown as text
-                yield ("end", reason, ev.stop_reason, n_out)
-                return
-    finally:
-        if not done:
-            handle.abort()
-
-
-def _submit_choices(ctx: ServingContext, job: ChatJob) -> list:
-    n = job.req.n or 1
-    handles = []
-    try:
-        for i in range(n):
-            handles.append(ctx.submit(job.ids, _choice_params(job.params, i)))
-    except BaseException:
-        for h in handles:
-            h.abort()
-        raise
-    return handles
-
-
-def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
-    job = prepare_chat(ctx, body)
-    handles = _submit_choices(ctx, job)
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": cid, "created": created, "model": ctx.served_name, "system_fingerprint": FINGERPRINT}
-    choices = [_choice_events(ctx, job, i, h) for i, h in enumerate(handles)]
-    if job.req.stream:
-        return StreamResponse(_chat_stream(job.req, choices, handles, base, len(job.ids)), dict(SSE_HEADERS))
-    out, n_out = [], 0
-    try:
-        for index, parts in enumerate(choices):
-            text, logprobs, calls = [], [], {}
-            for part in parts:
-                if part is None:
-                    continue
-                if part[0] == "error":
-                    raise GenerationError(f"Request failed during generation: {part[1]}")
-                if part[0] == "text":
-                    text.append(part[1])
-                    logprobs.extend(part[2] or [])
-                elif part[0] == "calls":
-                    for d in part[1]:
-                        call = calls.setdefault(d["index"], {"id": d.get("id"), "type": "function",
-                                                             "function": {"name": None, "arguments": ""}})
-                        call["function"]["name"] = d["function"].get("name") or call["function"]["name"]
-                        call["function"]["arguments"] += d["function"]["arguments"]
-                else:
-                    _, reason, stop_reason, count = part
-            n_out += count
-            message = {"role": "assistant", "content": "".join(text)}
-            if reason == "tool_calls":
-                message = {"role": "assistant", "content": None, "tool_calls": [calls[k] for k in sorted(calls)]}
-            out.append({"index": index, "message": message,
-                        "logprobs": {"content": logprobs} if job.req.logprobs else None,
-                        "finish_reason": reason, "stop_reason": stop_reason})
-    finally:
-        for parts in choices:
-            parts.close()
-        for h in handles:  # choices never started (an earlier one failed) hold requests too
-            h.abort()
-    return JsonResponse({**base, "object": "chat.completion", "choices": out,
-                         "usage": _usage(len(job.ids), n_out)})
-
-
-def _interleave(sources, on_error):
+def interleave(sources, on_error):
     """(index, item) from several iterators, in the order the items come. Each runs, and is
     closed, in its own thread; an exception becomes the item `on_error(exc)`."""
     if len(sources) == 1:
@@ -349,55 +126,6 @@ def _interleave(sources, on_error):
         stop.set()
 
 
-def _chat_stream(req, choices, handles, base, n_prompt):
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, delta: dict, finish=None, logprobs=None, stop_reason=None) -> bytes:
-        ch = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        if finish is not None:
-            ch["stop_reason"] = stop_reason
-        return sse({**base, "object": "chat.completion.chunk", "choices": [ch], **extra})
-
-    # The per-token chunk is the same JSON around a new string: build its two halves once per
-    # choice (the streaming threads' serialisation work competes with the engine for the CPU).
-    marker = "\u0000sagellm\u0000"
-    halves = [chunk(i, {"content": marker}).split(json.dumps(marker, ensure_ascii=False).encode())
-              for i in range(len(choices))]
-    n_out, open_ = 0, len(choices)
-    for i in range(len(choices)):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    merged = _interleave(choices, lambda exc: ("error", str(exc)))
-    try:
-        for i, part in merged:
-            if part is None:
-                yield SSE_KEEPALIVE
-            elif part[0] == "text":
-                if part[2]:
-                    yield chunk(i, {"content": part[1]}, logprobs={"content": part[2]})
-                elif part[1]:
-                    head, tail = halves[i]
-                    yield head + json.dumps(part[1], ensure_ascii=False).encode() + tail
-            elif part[0] == "calls":
-                yield chunk(i, {"tool_calls": part[1]})
-            elif part[0] == "end":
-                n_out += part[3]
-                yield chunk(i, {}, part[1], stop_reason=part[2])
-                open_ -= 1
-            else:
-                yield sse({"error": {"message": f"Request failed during generation: {part[1]}",
-                                     "type": "server_error", "code": 424, "http_status_code": 424}})
-                yield SSE_DONE
-                return
-        if include_usage:
-            yield sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(n_prompt, n_out)})
-        yield SSE_DONE
-    finally:
-        merged.close()
-        for h in handles:  # a client gone mid-stream: stop every choice now
-            h.abort()
-
-
 # ---- completions ----
 
 def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
@@ -410,7 +138,7 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     if len(prompts) > ctx.settings.max_client_batch_size:
         raise ValidationError(f"Number of prompts exceeds the maximum allowed batch size of "
                               f"{ctx.settings.max_client_batch_size} (MAX_CLIENT_BATCH_SIZE)", param="prompt")
-    n = _check_n(ctx, req)
+    n = check_n(ctx, req)
     top_n = req.logprobs or 0  # legacy logprobs: an int, the alternatives per token
     if req.logprobs is not None and not 0 <= req.logprobs <= ctx.settings.max_top_n_tokens:
         raise invalid(f"`logprobs` must be >= 0 and <= {ctx.settings.max_top_n_tokens}. Given: {req.logprobs}",
@@ -422,8 +150,8 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
             raise invalid(f"`prompt` {i} cannot be empty", "prompt")
         ids = ctx.tokenize(text, True)
         n_prompt += len(ids)
-        params = _sampling(ctx, req, len(ids), "prompt", top_n, logprobs=req.logprobs is not None)
-        jobs.extend((text, ids, _choice_params(params, j)) for j in range(n))
+        params = openai_params(ctx, req, len(ids), "prompt", top_n, logprobs=req.logprobs is not None)
+        jobs.extend((text, ids, choice_params(params, j)) for j in range(n))
     handles = []
     try:
         for _, ids, params in jobs:
@@ -450,7 +178,7 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     finally:
         for h in handles:
             h.abort()
-    return JsonResponse({**base, "choices": choices, "usage": _usage(n_prompt, n_out)})
+    return JsonResponse({**base, "choices": choices, "usage": usage(n_prompt, n_out)})
 
 
 def _legacy_logprobs(events: list[TokenEvent], offset: int) -> dict:
@@ -478,7 +206,7 @@ def _completion_stream(req, handles, base, n_prompt):
     done = False
     offsets = [0] * len(handles)
     try:
-        for i, ev in _interleave([h.iter_events(15.0) for h in handles], _error_event):
+        for i, ev in interleave([h.iter_events(15.0) for h in handles], _error_event):
             if ev is None:
                 yield b":\n\n"
                 continue
@@ -499,7 +227,7 @@ def _completion_stream(req, handles, base, n_prompt):
                 yield sse({**base, "choices": [ch]})
         else:
             if include_usage:
-                yield sse({**base, "choices": [], "usage": _usage(n_prompt, n_out)})
+                yield sse({**base, "choices": [], "usage": usage(n_prompt, n_out)})
         yield SSE_DONE
         done = True
     finally:

@@ -47,9 +47,8 @@ class ChatTemplate:
         self.template = template
         self.source = source
         self.default_kwargs = dict(default_kwargs or {})
-        # Templates written for tool use loop over `tools` and print assistant `tool_calls`.
+        # Templates written for tool use loop over `tools` (and print assistant `tool_calls`).
         self.shows_tools = bool(template) and "tools" in template
-        self.shows_tool_calls = bool(template) and "tool_calls" in template
         self.bos_id = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True).input_ids
         self._tokenizer_adds_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id

@@ -13,7 +13,7 @@ from flask import Flask, Response, g, request
 
 from sagellm.api import info as info_api
 from sagellm.api import invocations as inv
-from sagellm.api import openai, tgi
+from sagellm.api import chat, openai, tgi
 from sagellm.errors import (GenerationError, NotFound, Overloaded, SagellmError, Unauthorized,
                             Unavailable)
 from sagellm.server.http import Admission, WatchedHandle, error_response, json_body, raw_body, to_flask
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_url_rule("/generate_stream", "generate_stream",
                      lambda: generation(lambda c, b: tgi.generate_stream(c, b, full_text_default=False), "tgi"),
                      methods=["POST"])
-    app.add_url_rule("/v1/chat/completions", "chat", lambda: generation(openai.chat, "openai"), methods=["POST"])
+    app.add_url_rule("/v1/chat/completions", "chat", lambda: generation(chat.chat, "openai"), methods=["POST"])
     app.add_url_rule("/v1/completions", "completions", lambda: generation(openai.completions, "openai"),
                      methods=["POST"])
 
