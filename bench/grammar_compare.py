@@ -1098,6 +1098,16 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def result_table(get, libs: list[str], task: str, columns: list[tuple[str, str]]) -> None:
+    """One row per library: its failure, or the named fields of its `task` result."""
+    rows = []
+    for lib in libs:
+        r = get(lib, task)
+        bad = failure(r)
+        rows.append([lib, bad] + [None] * (len(columns) - 1) if bad else [lib] + [r[key] for _, key in columns])
+    print(table(["library"] + [header for header, _ in columns], rows))
+
+
 def failure(result: dict) -> str | None:
     for key in ("exception", "timeout", "crash", "error"):
         if key in result:
@@ -1182,54 +1192,13 @@ def report(all_results: dict[str, dict[str, dict]], libs: list[str]) -> None:
     print(
         f"\n## 3. Per-token cost, schema (a), batch 1 (warm: {WALK_REPS} walks; logits float32 [vocab])\n"
     )
-    rows = []
-    for lib in libs:
-        r = get(lib, "walk")
-        bad = failure(r)
-        if bad:
-            rows.append([lib, bad] + [None] * 13)
-            continue
-        rows.append(
-            [
-                lib,
-                r["tokens"],
-                r["mask_mean_us"],
-                r["mask_p50_us"],
-                r["mask_p99_us"],
-                r["apply_mean_us"],
-                r["apply_p50_us"],
-                r["apply_p99_us"],
-                r["ref_apply_mean_us"],
-                r["same_as_ref"],
-                r["first_walk_ms"],
-                r["apply_warmup_ms"],
-                r["all_allowed"],
-                r["accepting"],
-                r["eos_allowed"],
-            ]
-        )
-    print(
-        table(
-            [
-                "library",
-                "tokens",
-                "mask mean µs",
-                "mask p50 µs",
-                "mask p99 µs",
-                "apply mean µs",
-                "apply p50 µs",
-                "apply p99 µs",
-                "plain-torch apply µs",
-                "apply == plain torch",
-                "cold walk ms",
-                "apply 1st-call ms",
-                "every token allowed",
-                "accepting at end",
-                "EOS allowed at end",
-            ],
-            rows,
-        )
-    )
+    result_table(get, libs, "walk", [
+        ("tokens", "tokens"), ("mask mean µs", "mask_mean_us"), ("mask p50 µs", "mask_p50_us"),
+        ("mask p99 µs", "mask_p99_us"), ("apply mean µs", "apply_mean_us"), ("apply p50 µs", "apply_p50_us"),
+        ("apply p99 µs", "apply_p99_us"), ("plain-torch apply µs", "ref_apply_mean_us"),
+        ("apply == plain torch", "same_as_ref"), ("cold walk ms", "first_walk_ms"),
+        ("apply 1st-call ms", "apply_warmup_ms"), ("every token allowed", "all_allowed"),
+        ("accepting at end", "accepting"), ("EOS allowed at end", "eos_allowed")])
     print(
         "\napply functions: "
         + "; ".join(f"{lib}: {BACKENDS[lib].apply_fn}" for lib in libs)
@@ -1238,40 +1207,10 @@ def report(all_results: dict[str, dict[str, dict]], libs: list[str]) -> None:
     print(
         f"\n## 3b. Batch {BATCH}: {BATCH} independent matchers, one [{BATCH}, words] bitmask, per decode step\n"
     )
-    rows = []
-    for lib in libs:
-        r = get(lib, "batch")
-        bad = failure(r)
-        if bad:
-            rows.append([lib, bad] + [None] * 6)
-            continue
-        rows.append(
-            [
-                lib,
-                r["steps"],
-                r["fill_mean_us"],
-                r["fill_p99_us"],
-                r["loop_mean_us"],
-                r["apply_mean_us"],
-                r["consume_mean_us"],
-                r["all_ok"],
-            ]
-        )
-    print(
-        table(
-            [
-                "library",
-                "steps",
-                "batch fill mean µs/step",
-                "batch fill p99 µs/step",
-                "one-by-one fill mean µs/step",
-                f"apply [{BATCH},V] µs",
-                "consume µs/step",
-                "all valid, masks equal",
-            ],
-            rows,
-        )
-    )
+    result_table(get, libs, "batch", [
+        ("steps", "steps"), ("batch fill mean µs/step", "fill_mean_us"), ("batch fill p99 µs/step", "fill_p99_us"),
+        ("one-by-one fill mean µs/step", "loop_mean_us"), (f"apply [{BATCH},V] µs", "apply_mean_us"),
+        ("consume µs/step", "consume_mean_us"), ("all valid, masks equal", "all_ok")])
     print(
         "\nbatch fill: llguidance fill_next_token_bitmask_par(LLExecutor()); xgrammar "
         "BatchGrammarMatcher().batch_fill_next_token_bitmask (both with their default thread counts); "
