@@ -32,17 +32,21 @@ class StepMetadata:
     decode_blocks: torch.Tensor | None  # [B_decode, NB] block table of each context (0-padded)
     decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size] float32, -inf past each end
     prefills: list[PrefillChunk]
+    decode_rows: torch.Tensor | None = None  # [KVH * B_decode * NB] rows of the [KVH * blocks, ...] cache view
+
+    def __post_init__(self):
+        if self.decode_blocks is not None and self.decode_rows is None:
+            heads = torch.arange(self.cache.num_kv_heads, device=self.decode_blocks.device)
+            self.decode_rows = (heads[:, None] * self.cache.num_blocks + self.decode_blocks.view(1, -1)).view(-1)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     # query: [1, H, T, D]; key, value: [1, KVH, T, D] for the T packed new tokens.
     meta: StepMetadata = kwargs["sagellm_meta"]
-    k_cache = meta.cache.keys[module.layer_idx]  # [S, KVH, D]
+    k_cache = meta.cache.keys[module.layer_idx]  # [KVH, S, D]
     v_cache = meta.cache.values[module.layer_idx]
-    k_new = key[0].transpose(0, 1)  # [T, KVH, D]
-    v_new = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, meta.slot_mapping, k_new.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, v_new.to(v_cache.dtype))
+    k_cache.index_copy_(1, meta.slot_mapping, key[0].to(k_cache.dtype))
+    v_cache.index_copy_(1, meta.slot_mapping, value[0].to(v_cache.dtype))
 
     outputs = []
     nd = meta.num_decode
@@ -55,8 +59,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
             o = F.scaled_dot_product_attention(q, key[:, :, sl], value[:, :, sl], is_causal=True,
                                                scale=scaling, enable_gqa=True)
         else:
-            k = k_cache[chunk.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx + t, D]
-            v = v_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
+            k = k_cache[:, chunk.slots].unsqueeze(0)  # [1, KVH, ctx + t, D]
+            v = v_cache[:, chunk.slots].unsqueeze(0)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask, scale=scaling,
                                                enable_gqa=True)
         outputs.append(o[0].transpose(0, 1))  # [t, H, D]
@@ -72,20 +76,21 @@ def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch
     gathers the context 6x faster than per-token indexing.
     """
     num_heads, batch, head_dim = q.shape
-    num_kv = k_cache.shape[1]
+    num_kv = k_cache.shape[0]
     group = num_heads // num_kv
-    blocks = meta.decode_blocks  # [B, NB]
     bs = meta.cache.block_size
-    length = blocks.shape[1] * bs
-    k = k_cache.view(-1, bs, num_kv, head_dim).index_select(0, blocks.view(-1))
-    v = v_cache.view(-1, bs, num_kv, head_dim).index_select(0, blocks.view(-1))
-    k = k.view(batch, length, num_kv, head_dim).transpose(1, 2)  # [B, KVH, L, D]
-    v = v.view(batch, length, num_kv, head_dim).transpose(1, 2)
-    qg = q.transpose(0, 1).reshape(batch, num_kv, group, head_dim)  # heads h = kv * group + g
+    length = meta.decode_blocks.shape[1] * bs
+    # Whole blocks of every (kv head, sequence), gathered along dim 0 so the copy runs in parallel
+    # over rows: [KVH * B * NB, bs, D] -> one [L, D] context per (kv head, sequence).
+    k = k_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(num_kv * batch, length, head_dim)
+    v = v_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(num_kv * batch, length, head_dim)
+    qg = q.view(num_kv, group, batch, head_dim).transpose(1, 2).reshape(num_kv * batch, group, head_dim)
     scale = scaling if scaling is not None else head_dim ** -0.5
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, KVH, G, L], softmax in fp32
-    probs = (scores + meta.decode_bias).softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(batch, num_heads, head_dim)
+    scores = torch.bmm(qg, k.transpose(1, 2)).float().view(num_kv, batch, group, length) * scale
+    bias = meta.decode_bias.view(1, batch, 1, length)  # softmax in fp32
+    probs = (scores + bias).softmax(-1).to(v.dtype).view(num_kv * batch, group, length)
+    out = torch.bmm(probs, v).view(num_kv, batch, group, head_dim)  # heads h = kv * group + g
+    return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
 
 
 def register() -> None:
