@@ -8,6 +8,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sagellm.api.context import ServingContext
@@ -65,7 +66,9 @@ class ChatJob:
     ids: list[int]
     params: SamplingParams
     tools: ToolPlan | None
-    plain: tuple[list[int], SamplingParams] | None  # the tool-free prompt for a declined call
+    # Renders the tool-free prompt for a declined call, only when the model declines: it is no
+    # longer than the tool prompt, which passed the same length checks.
+    plain: Callable[[], tuple[list[int], SamplingParams]] | None
     prompt: str  # the rendered conversation, as the model sees it
 
 
@@ -107,8 +110,9 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
         last["content"] = f"{last['content']}\n---\n{instruction}"
         prompt, ids = render(messages[:-1] + [last], True)
         if tools.allow_text:
-            _, plain_ids = render(messages, False)
-            plain = (plain_ids, openai_params(ctx, req, len(plain_ids), "messages", top_n, bool(req.logprobs)))
+            def plain():
+                _, plain_ids = render(messages, False)
+                return plain_ids, openai_params(ctx, req, len(plain_ids), "messages", top_n, bool(req.logprobs))
     else:
         prompt, ids = render(messages, False)
     params = openai_params(ctx, req, len(ids), "messages", top_n, logprobs=bool(req.logprobs))
@@ -156,7 +160,7 @@ def _choice_events(ctx: ServingContext, job: ChatJob, index: int, handle):
                 if first == job.tools.no_tool and job.plain is not None:
                     handle.abort()
                     done = True
-                    plain_ids, plain_params = job.plain
+                    plain_ids, plain_params = job.plain()
                     plain_job = dataclasses.replace(job, ids=plain_ids, params=plain_params, tools=None, plain=None)
                     yield from _choice_events(ctx, plain_job, index,
                                               ctx.submit(plain_ids, choice_params(plain_params, index)))
