@@ -86,3 +86,56 @@ def chat_stream_text(chunks: list) -> tuple[str, list[str], dict | None]:
         if ch.get("usage"):
             usage = ch["usage"]
     return text, finishes, usage
+
+
+# ---- error answers: the shape, no traceback, and the server still serving ----
+
+def post_url(url: str, path: str, body, **kw) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=TIMEOUT, **kw)
+
+
+def ping_ok(url: str) -> None:
+    r = requests.get(url + "/ping", timeout=10)
+    assert r.status_code == 200, f"/ping answered {r.status_code} after the error: {r.text!r}"
+
+
+def json_error(r: requests.Response, status: int) -> dict:
+    assert "Traceback" not in r.text, r.text
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text!r}"
+    ctype = r.headers.get("content-type", "")
+    assert ctype.startswith("application/json"), f"content-type {ctype!r}: {r.text!r}"
+    return r.json()
+
+
+def tgi_error(r: requests.Response, status: int) -> str:
+    """Asserts TGI's {"error": str, "error_type": str}; returns the message."""
+    body = json_error(r, status)
+    assert isinstance(body, dict), body
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert isinstance(body.get("error_type"), str) and body["error_type"], body
+    return body["error"]
+
+
+def oai_error(r: requests.Response, status: int) -> dict:
+    """Asserts OpenAI's {"error": {"message", "type", "param", "code"}}; returns the inner object."""
+    body = json_error(r, status)
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    err = body["error"]
+    assert isinstance(err.get("message"), str) and err["message"], body
+    assert isinstance(err.get("type"), str) and err["type"], body
+    assert "param" in err, body
+    assert err.get("code") == status, body
+    return err
+
+
+def error_message(r: requests.Response, status: int, flavor: str) -> str:
+    if flavor == "openai":
+        return oai_error(r, status)["message"]
+    return tgi_error(r, status)
+
+
+def any_shape_message(r: requests.Response, status: int) -> str:
+    body = json_error(r, status)
+    if isinstance(body.get("error"), dict):
+        return oai_error(r, status)["message"]
+    return tgi_error(r, status)

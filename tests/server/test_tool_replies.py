@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_http import make_ctx, sse_events
+from fakes import make_ctx, sse_events
 
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.server.app import create_app
