@@ -37,6 +37,7 @@ class Settings:
     max_batch_prefill_tokens: int | None = None
     max_batch_total_tokens: int | None = None
     max_batch_size: int | None = None
+    prefix_caching: bool = True
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 16
     max_top_n_tokens: int = 20
@@ -320,6 +321,8 @@ VARS: list[Var] = [
         "Most tokens held by all running requests together; unset: derived from memory"),
     Var("max_batch_size", ("MAX_BATCH_SIZE",), "int >= 1", _positive_int,
         "Most requests in one engine step; unset: limited by tokens only"),
+    Var("prefix_caching", ("PREFIX_CACHING",), "bool", _bool,
+        "Reuse the KV cache of prompts that start like an earlier one (whole 16-token blocks)"),
     Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", _positive_int,
         "Requests in flight before new ones get 429"),
     Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", _non_negative_int,

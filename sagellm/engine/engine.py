@@ -34,6 +34,7 @@ class EngineConfig:
     max_total_tokens: int  # prompt + generated, per request
     num_kv_blocks: int
     block_size: int = 16
+    prefix_caching: bool = True  # reuse cached blocks of earlier prompts (PREFIX_CACHING)
 
 
 class EngineDead(RuntimeError):
@@ -93,7 +94,7 @@ class LLMEngine:
         if tp_group is not None:  # every rank holds the same blocks for its own KV heads
             tp_group.send(("cache", cache_shape))
         nb, bs, layers, kvh, hd, dt = cache_shape
-        self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device)
+        self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device, prefix_caching=config.prefix_caching)
         self.runner = ModelRunner(model, self.cache, device, tp_group)
         self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
         self._inbox: deque[Sequence] = deque()
@@ -203,6 +204,7 @@ class LLMEngine:
             return
         t3 = time.perf_counter()
         phases["sample"] += t3 - t2
+        self.scheduler.register_computed(batch.decodes + [s for s, _ in batch.prefills])
         for seq, s in zip(sampling, samples):
             self._append_token(seq, s)
         phases["output"] += time.perf_counter() - t3

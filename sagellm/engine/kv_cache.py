@@ -5,10 +5,33 @@ from __future__ import annotations
 import torch
 
 
+BlockKey = tuple  # (hash of the previous block's key, or None, the block's token ids)
+
+
+def block_keys(token_ids: list[int], block_size: int, limit: int, keys: list[BlockKey] | None = None) -> list[BlockKey]:
+    """The keys of the full blocks among the first `limit` tokens, extending `keys` (those already
+    known): a block's key holds its tokens and the hash of everything before it, so equal keys mean
+    equal prefixes (up to a 64-bit hash collision in the chain)."""
+    keys = list(keys or [])
+    for i in range(len(keys), limit // block_size):
+        parent = hash(keys[-1]) if keys else None
+        keys.append((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+    return keys
+
+
 class BlockAllocator:
-    def __init__(self, num_blocks: int):
+    """Hands out blocks and, with prefix caching, keeps the contents of freed full blocks findable
+    by their key until the space is needed (least recently freed first), so a request that
+    starts like an earlier one reuses its K/V instead of computing them again."""
+
+    def __init__(self, num_blocks: int, prefix_caching: bool = False):
         self.num_blocks = num_blocks
+        self.prefix_caching = prefix_caching
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, BlockKey] = {}
+        self._block_of: dict[BlockKey, int] = {}
+        self._cached: dict[int, None] = {}  # unreferenced blocks with a key, least recently freed first
         # Blocks handed out for the first time hold uninitialised memory (the cache is allocated
         # lazily, not zeroed); the runner zeroes them before use, since 0 * NaN is NaN even
         # where attention masks a slot out.
@@ -17,13 +40,22 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out: never used, or cached and unreferenced."""
+        return len(self._free) + len(self._cached)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"KV cache full: need {n} blocks, {len(self._free)} free")
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
+        if n > self.num_free:
+            raise MemoryError(f"KV cache full: need {n} blocks, {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:  # evict the least recently freed cached block
+                b = next(iter(self._cached))
+                del self._cached[b]
+                del self._block_of[self._key_of.pop(b)]
+            self._refs[b] = 1
+            blocks.append(b)
             if b >= self._high_water:
                 self.fresh.append(b)
         if blocks:
@@ -35,7 +67,33 @@ class BlockAllocator:
         return fresh
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):  # a sequence's last blocks are the least likely to be shared
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if b in self._key_of:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
+
+    def match(self, keys: list[BlockKey]) -> list[int]:
+        """The cached blocks holding the longest prefix of `keys`, each now referenced once more."""
+        blocks = []
+        for key in keys:
+            b = self._block_of.get(key)
+            if b is None:
+                break
+            if self._refs[b] == 0:
+                del self._cached[b]
+            self._refs[b] += 1
+            blocks.append(b)
+        return blocks
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """`block` is full and holds the prefix `key`; later requests may share it. When another
+        block already holds the same prefix (computed at the same time), that one stays."""
+        if self.prefix_caching and key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
 
 
 class PagedKVCache:
@@ -48,7 +106,8 @@ class PagedKVCache:
     (75.7) ms that way, 54.8 (61.6) ms now (docs/performance.md)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 prefix_caching: bool = False):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
@@ -56,7 +115,7 @@ class PagedKVCache:
         # torch.empty: pages are only touched (and resident) once a sequence writes to them.
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, prefix_caching)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -1,13 +1,14 @@
 """Chooses each step's work: every running decode, prefill chunks within the token budget, and
 new requests while KV blocks last. Preempts (and later recomputes) the newest sequence rather
-than running out of cache."""
+than running out of cache. With prefix caching, a new sequence starts from the cached blocks
+that hold the longest prefix of its tokens."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from sagellm.engine.kv_cache import PagedKVCache
+from sagellm.engine.kv_cache import PagedKVCache, block_keys
 from sagellm.engine.sequence import Sequence, SequenceStatus
 
 
@@ -39,6 +40,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Prompt tokens of admitted sequences, and how many of them came from the prefix cache.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -81,12 +85,18 @@ class Scheduler:
         # Admit new sequences in arrival order while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            self._reuse_prefix(seq)
             want = chunk(seq, budget)
-            if want == 0:
-                break  # no room for its scored rows this step; arrival order is kept
-            if self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table) > self.cache.allocator.num_free:
-                break  # waits until blocks are freed
+            if want == 0 or (self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table)
+                             > self.cache.allocator.num_free):
+                # No room for its scored rows this step, or it waits until blocks are freed;
+                # arrival order is kept.
+                self._release(seq)
+                seq.num_computed = 0
+                break
             self.waiting.popleft()
+            self.prefix_query_tokens += seq.num_tokens
+            self.prefix_hit_tokens += seq.num_computed
             self._grow(seq, want)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -94,6 +104,34 @@ class Scheduler:
             budget -= want
             rows -= want if seq.params.prompt_logprobs else 0
         return batch
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a waiting sequence from the cached blocks holding the longest prefix of its tokens.
+        At least its last token is computed again (its logits pick the next token), and requests
+        that score their prompt tokens compute every position."""
+        alloc = self.cache.allocator
+        if not alloc.prefix_caching or seq.num_computed or seq.block_table or seq.params.prompt_logprobs:
+            return
+        bs = self.cache.block_size
+        usable = (seq.num_tokens - 1) // bs
+        seq.block_keys = block_keys(seq.all_ids, bs, usable * bs, seq.block_keys)
+        seq.block_table = alloc.match(seq.block_keys[:usable])
+        seq.num_registered = len(seq.block_table)  # already in the cache
+        seq.num_computed = seq.num_registered * bs
+
+    def register_computed(self, seqs: list[Sequence]) -> None:
+        """Offer the blocks that became full this step to the prefix cache."""
+        alloc = self.cache.allocator
+        if not alloc.prefix_caching:
+            return
+        bs = self.cache.block_size
+        for seq in seqs:
+            full = min(seq.num_computed // bs, len(seq.block_table))
+            if full > seq.num_registered:
+                seq.block_keys = block_keys(seq.all_ids, bs, full * bs, seq.block_keys)
+                for i in range(seq.num_registered, full):
+                    alloc.register(seq.block_table[i], seq.block_keys[i])
+                seq.num_registered = full
 
     def _reserve(self, seq: Sequence, want: int, batch: ScheduledBatch) -> bool:
         """Give `seq` blocks for `want` more tokens, preempting newer sequences if needed."""
@@ -127,3 +165,4 @@ class Scheduler:
         if seq.block_table:
             self.cache.allocator.free(seq.block_table)
             seq.block_table = []
+        seq.num_registered = 0

@@ -30,6 +30,10 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # Prefix caching: the keys of this sequence's full blocks computed so far, and how many
+        # of its blocks are registered in the cache (sagellm.engine.kv_cache).
+        self.block_keys: list = []
+        self.num_registered = 0
         # Tokens whose K/V are in the cache. After a preemption this drops to 0 and the prompt
         # plus the output so far is prefilled again.
         self.num_computed = 0

@@ -28,6 +28,10 @@ class Metrics:
         self.steps = Gauge("sagellm_engine_steps", "Engine steps run since start", registry=r)
         self.phases = Gauge("sagellm_engine_phase_seconds", "Engine time per step phase since start, summed",
                             ["phase"], registry=r)
+        self.prefix_query = Gauge("sagellm_prefix_cache_query_tokens", "Prompt tokens of admitted requests",
+                                  registry=r)
+        self.prefix_hit = Gauge("sagellm_prefix_cache_hit_tokens",
+                                "Prompt tokens whose K/V came from the prefix cache", registry=r)
 
     def render(self, engine) -> bytes:
         if engine is not None:
@@ -36,6 +40,8 @@ class Metrics:
             self.steps.set(engine.num_steps)
             for phase, seconds in list(engine.phase_seconds.items()):
                 self.phases.labels(phase).set(seconds)
+            self.prefix_query.set(engine.scheduler.prefix_query_tokens)
+            self.prefix_hit.set(engine.scheduler.prefix_hit_tokens)
         return generate_latest(self.registry)
 
 

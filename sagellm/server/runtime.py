@@ -64,7 +64,8 @@ class Runtime:
         lim = lm.limits
         cfg = EngineConfig(max_batch_size=lim.max_batch_size, max_prefill_tokens=lim.max_batch_prefill_tokens,
                            max_total_tokens=lim.max_total_tokens,
-                           num_kv_blocks=max(1, lim.max_batch_total_tokens // 16), block_size=16)
+                           num_kv_blocks=max(1, lim.max_batch_total_tokens // 16), block_size=16,
+                           prefix_caching=self.settings.prefix_caching)
         self.loaded = lm
         engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids, device=lm.device, tp_group=lm.tp)
         engine.start()

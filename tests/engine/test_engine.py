@@ -301,3 +301,49 @@ def test_preempted_requests_report_prompt_logprobs_once(chat_ids, loaded_model, 
         assert [t.token_id for t in got] == ids
         want = reference_prompt_logprobs(reference_model, ids)
         assert max(abs(t.logprob - w) for t, w in zip(got[1:], want)) < 1e-3
+
+
+def test_prefix_cache_reuses_blocks_and_answers_as_without_it(chat_ids, loaded_model):
+    system = "You are a careful assistant who answers in one short paragraph. " * 4
+    prompts = [loaded_model.chat.encode(loaded_model.chat.render(
+        [{"role": "system", "content": system}, {"role": "user", "content": q}])) for q in QUESTIONS[:3]]
+    shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1])) if a != b)
+    assert shared >= 48, shared  # at least three whole blocks in common
+    cached = make_engine(loaded_model, prefix_caching=True)
+    plain = make_engine(loaded_model, prefix_caching=False)
+    try:
+        expected = [token_ids(plain.submit(p, greedy(12))) for p in prompts]
+        sched = cached.scheduler
+        assert token_ids(cached.submit(prompts[0], greedy(12))) == expected[0]
+        assert sched.prefix_hit_tokens == 0
+        # Another question after the same system prompt: its whole shared blocks come from the cache.
+        assert token_ids(cached.submit(prompts[1], greedy(12))) == expected[1]
+        assert sched.prefix_hit_tokens == shared // 16 * 16
+        # The same prompt again: every whole block but the one holding its last token.
+        hits = sched.prefix_hit_tokens
+        assert token_ids(cached.submit(prompts[0], greedy(12))) == expected[0]
+        assert sched.prefix_hit_tokens - hits == (len(prompts[0]) - 1) // 16 * 16
+        # Concurrent requests sharing the prefix, in one batch.
+        handles = [cached.submit(p, greedy(12)) for p in prompts]
+        assert [token_ids(h) for h in handles] == expected
+        assert plain.scheduler.prefix_hit_tokens == 0
+    finally:
+        cached.stop()
+        plain.stop()
+
+
+def test_prefix_cache_under_cache_pressure_evicts_and_stays_exact(chat_ids, loaded_model):
+    # 12 blocks: cached prefixes must be evicted for new requests, and preempted requests find
+    # their own blocks again; every answer equals a roomy engine's without prefix caching.
+    prompts = [chat_ids(q) for q in QUESTIONS] * 2
+    small = make_engine(loaded_model, num_kv_blocks=12, max_total_tokens=180, prefix_caching=True)
+    big = make_engine(loaded_model, prefix_caching=False)
+    try:
+        expected = [token_ids(big.submit(p, greedy(40, ignore_eos=True))) for p in prompts]
+        handles = [small.submit(p, greedy(40, ignore_eos=True)) for p in prompts]
+        assert [token_ids(h) for h in handles] == expected
+        assert small.scheduler.prefix_hit_tokens > 0
+        assert small.cache.allocator.num_free == 12
+    finally:
+        small.stop()
+        big.stop()
