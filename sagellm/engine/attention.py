@@ -55,6 +55,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     for chunk in meta.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         q = query[:, :, sl]  # [1, H, t, D]
+        if chunk.q_len >= BLOCKED_PREFILL_MIN_TOKENS:
+            if chunk.ctx_len == 0:
+                k, v = key[0, :, sl], value[0, :, sl]  # [KVH, t, D]
+            else:
+                k, v = k_cache[:, chunk.slots], v_cache[:, chunk.slots]  # [KVH, ctx + t, D]
+            outputs.append(_blocked_prefill_attention(q[0], k, v, chunk.ctx_len, scaling).transpose(0, 1))
+            continue
         if chunk.ctx_len == 0:
             o = F.scaled_dot_product_attention(q, key[:, :, sl], value[:, :, sl], is_causal=True,
                                                scale=scaling, enable_gqa=True)
@@ -66,6 +73,40 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         outputs.append(o[0].transpose(0, 1))  # [t, H, D]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
     return out.unsqueeze(0), None  # [1, T, H, D]
+
+
+# Prefill chunks of at least this many tokens use _blocked_prefill_attention; shorter ones SDPA.
+BLOCKED_PREFILL_MIN_TOKENS = 64
+_QUERY_BLOCK = 64
+
+
+def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling) -> torch.Tensor:
+    """Causal attention of a chunk's t queries (positions ctx_len ..) over ctx_len + t keys, as
+    grouped matmuls over blocks of 64 queries: each block reads only the keys it can see and
+    its fp32 scores stay cache-sized. q: [H, t, D]; k, v: [KVH, ctx_len + t, D] -> [H, t, D].
+
+    Measured on CPU in bf16 (docs/performance.md): 2-3x faster than SDPA's kernel for chunks of
+    512 queries (512 queries over 2048 keys: 14.7 -> 6.9 ms a layer); SDPA stays faster for a
+    few dozen queries.
+    """
+    num_heads, t, head_dim = q.shape
+    num_kv = k.shape[0]
+    group = num_heads // num_kv
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    qg = q.view(num_kv, group, t, head_dim)  # heads h = kv * group + g
+    outs = []
+    for s in range(0, t, _QUERY_BLOCK):
+        e = min(t, s + _QUERY_BLOCK)
+        n, keys = e - s, ctx_len + e
+        qs = qg[:, :, s:e].reshape(num_kv, group * n, head_dim)
+        scores = torch.bmm(qs, k[:, :keys].transpose(1, 2)).float().mul_(scale).view(num_kv, group, n, keys)
+        # Query s + i sees keys up to ctx_len + s + i: only the block's own keys need a mask.
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+        scores[..., ctx_len + s:].masked_fill_(future, float("-inf"))
+        probs = scores.softmax(-1).to(v.dtype).view(num_kv, group * n, keys)
+        outs.append(torch.bmm(probs, v[:, :keys]).view(num_kv, group, n, head_dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.view(num_heads, t, head_dim)
 
 
 def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch.Tensor:
