@@ -111,10 +111,13 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
-        shape = (num_kv_heads, num_blocks * block_size, head_dim)
-        # torch.empty: pages are only touched (and resident) once a sequence writes to them.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One tensor for every layer's keys and values, so a step's new blocks are zeroed in one
+        # operation rather than two per layer. torch.empty: pages are only touched (and resident)
+        # once a sequence writes to them.
+        self._store = torch.empty((2, num_layers, num_kv_heads, num_blocks * block_size, head_dim),
+                                  dtype=dtype, device=device)
+        self.keys = list(self._store[0])
+        self.values = list(self._store[1])
         self.allocator = BlockAllocator(num_blocks, prefix_caching)
 
     @staticmethod
@@ -122,8 +125,8 @@ class PagedKVCache:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
     def zero_blocks(self, blocks: torch.Tensor) -> None:
-        for layer in self.keys + self.values:
-            layer.view(layer.shape[0], self.num_blocks, self.block_size, layer.shape[2])[:, blocks] = 0
+        store = self._store
+        store.view(-1, self.num_blocks, self.block_size, store.shape[-1])[:, blocks] = 0
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
