@@ -127,9 +127,11 @@ def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch
     v = v_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(num_kv * batch, length, head_dim)
     qg = q.view(num_kv, group, batch, head_dim).transpose(1, 2).reshape(num_kv * batch, group, head_dim)
     scale = scaling if scaling is not None else head_dim ** -0.5
-    scores = torch.bmm(qg, k.transpose(1, 2)).float().view(num_kv, batch, group, length) * scale
-    bias = meta.decode_bias.view(1, batch, 1, length)  # softmax in fp32
-    probs = (scores + bias).softmax(-1).to(v.dtype).view(num_kv * batch, group, length)
+    scores = torch.bmm(qg, k.transpose(1, 2)).view(num_kv, batch, group, length)
+    # fp32 bias (0 or -inf) + scale * scores in one operator: the scores are promoted to fp32
+    # exactly, so this equals converting, scaling and adding one by one. Softmax in fp32.
+    scores = torch.add(meta.decode_bias.view(1, batch, 1, length), scores, alpha=scale)
+    probs = scores.softmax(-1).to(v.dtype).view(num_kv * batch, group, length)
     out = torch.bmm(probs, v).view(num_kv, batch, group, head_dim)  # heads h = kv * group + g
     return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
 
