@@ -23,7 +23,7 @@ class Sample:
     top: list[tuple[int, float]]  # (token_id, logprob), best first
 
 
-def _apply_penalties(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> None:
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
     p = seq.params
     if p.repetition_penalty != 1.0:
         ids = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=row.device)
@@ -34,9 +34,12 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...])
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     for token_id, bias in p.logit_bias:
         row[token_id] += bias
+
+
+def _eos_banned(seq: Sequence) -> bool:
     # A grammar decides when the output may end; min_tokens/ignore_eos cannot override it.
-    if eos_ids and seq.matcher is None and (p.ignore_eos or len(seq.output_ids) < p.min_new_tokens):
-        row[list(eos_ids)] = float("-inf")
+    p = seq.params
+    return seq.matcher is None and (p.ignore_eos or len(seq.output_ids) < p.min_new_tokens)
 
 
 def _warp(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -66,8 +69,12 @@ def _warp(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[Sample]:
     """logits: [N, vocab] float32, one row per sequence in `seqs` (modified in place)."""
     for i, seq in enumerate(seqs):
-        if seq.params.needs_penalties or seq.params.ignore_eos or seq.params.min_new_tokens:
-            _apply_penalties(logits[i], seq, eos_ids)
+        if seq.params.needs_penalties:
+            _apply_penalties(logits[i], seq)
+    banned = [i for i, seq in enumerate(seqs) if _eos_banned(seq)] if eos_ids else []
+    if banned:  # one indexing operation for the whole batch (min_tokens, ignore_eos)
+        rows = torch.tensor(banned, device=logits.device)[:, None]
+        logits[rows, torch.tensor(eos_ids, device=logits.device)[None, :]] = float("-inf")
     # Log-normalisers only for the rows that report logprobs: a pass over 49k+ logits per row
     # is a measurable share of a large batch's step (docs/performance.md).
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]
