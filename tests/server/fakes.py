@@ -95,22 +95,23 @@ class FakeRuntime:
         return self.health
 
 
-def tgi_error(resp, status: int) -> str:
+def _error_body(resp, status: int) -> dict:
+    """An error answer's JSON body, after checking its status, type and that no traceback leaked."""
     text = resp.get_data(as_text=True)
     assert "Traceback" not in text and 'File "' not in text, text
     assert resp.status_code == status, f"{resp.status_code}: {text}"
     assert resp.mimetype == "application/json", resp.mimetype
-    body = json.loads(text)
+    return json.loads(text)
+
+
+def tgi_error(resp, status: int) -> str:
+    body = _error_body(resp, status)
     assert isinstance(body.get("error"), str) and isinstance(body.get("error_type"), str), body
     return body["error"]
 
 
 def oai_error(resp, status: int) -> dict:
-    text = resp.get_data(as_text=True)
-    assert "Traceback" not in text and 'File "' not in text, text
-    assert resp.status_code == status, f"{resp.status_code}: {text}"
-    assert resp.mimetype == "application/json", resp.mimetype
-    body = json.loads(text)
+    body = _error_body(resp, status)
     err = body.get("error")
     assert isinstance(err, dict), body
     assert isinstance(err.get("message"), str) and isinstance(err.get("type"), str), body
