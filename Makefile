@@ -14,7 +14,7 @@ CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_
   tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py \
   tests/clients/test_tools_and_structured.py
 
-.PHONY: help install install-dev model run test test-unit clean bench bench-peers bench-structured gpu-carry docker base-image image image-gpu image-test
+.PHONY: help install install-dev model run test test-unit clean bench bench-peers bench-interleaved bench-structured gpu-carry docker base-image image image-gpu image-test
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
@@ -68,6 +68,11 @@ bench-structured: install-dev model
 bench-peers: install-dev model
 	bash bench/install_peers.sh
 	$(BIN)/python bench/run.py --peers vllm,llamacpp
+
+# c=16 and c=64 against vLLM with both servers up, alternating, three rounds (steadier ratios).
+bench-interleaved: install-dev model
+	bash bench/install_peers.sh
+	$(BIN)/python bench/interleaved.py
 
 # The GPU check's luggage (tokenizer, load generator, wheels): bench/.gpu-carry, git-ignored.
 gpu-carry: install model
