@@ -32,12 +32,13 @@ class StepMetadata:
     decode_blocks: torch.Tensor | None  # [B_decode, NB] block table of each context (0-padded)
     decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size] float32, -inf past each end
     prefills: list[PrefillChunk]
-    decode_rows: torch.Tensor | None = None  # [KVH * B_decode * NB] rows of the [KVH * blocks, ...] cache view
+    decode_rows: torch.Tensor | None = None  # [B_decode * KVH * NB] rows of the [KVH * blocks, ...] cache view
 
     def __post_init__(self):
         if self.decode_blocks is not None and self.decode_rows is None:
             heads = torch.arange(self.cache.num_kv_heads, device=self.decode_blocks.device)
-            self.decode_rows = (heads[:, None] * self.cache.num_blocks + self.decode_blocks.view(1, -1)).view(-1)
+            rows = heads[None, :, None] * self.cache.num_blocks + self.decode_blocks[:, None, :]
+            self.decode_rows = rows.view(-1)  # sequence-major, then kv head, then block
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -121,19 +122,19 @@ def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch
     group = num_heads // num_kv
     bs = meta.cache.block_size
     length = meta.decode_blocks.shape[1] * bs
-    # Whole blocks of every (kv head, sequence), gathered along dim 0 so the copy runs in parallel
-    # over rows: [KVH * B * NB, bs, D] -> one [L, D] context per (kv head, sequence).
-    k = k_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(num_kv * batch, length, head_dim)
-    v = v_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(num_kv * batch, length, head_dim)
-    qg = q.view(num_kv, group, batch, head_dim).transpose(1, 2).reshape(num_kv * batch, group, head_dim)
+    # Whole blocks of every (sequence, kv head), gathered along dim 0 so the copy runs in parallel
+    # over rows: [B * KVH * NB, bs, D] -> one [L, D] context per (sequence, kv head). Sequence-major,
+    # so the output is already [B, H, D].
+    k = k_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(batch * num_kv, length, head_dim)
+    v = v_cache.view(-1, bs, head_dim).index_select(0, meta.decode_rows).view(batch * num_kv, length, head_dim)
+    qg = q.transpose(0, 1).reshape(batch * num_kv, group, head_dim)  # heads h = kv * group + g
     scale = scaling if scaling is not None else head_dim ** -0.5
-    scores = torch.bmm(qg, k.transpose(1, 2)).view(num_kv, batch, group, length)
+    scores = torch.bmm(qg, k.transpose(1, 2)).view(batch, num_kv, group, length)
     # fp32 bias (0 or -inf) + scale * scores in one operator: the scores are promoted to fp32
     # exactly, so this equals converting, scaling and adding one by one. Softmax in fp32.
-    scores = torch.add(meta.decode_bias.view(1, batch, 1, length), scores, alpha=scale)
-    probs = scores.softmax(-1).to(v.dtype).view(num_kv * batch, group, length)
-    out = torch.bmm(probs, v).view(num_kv, batch, group, head_dim)  # heads h = kv * group + g
-    return out.permute(1, 0, 2, 3).reshape(batch, num_heads, head_dim)
+    scores = torch.add(meta.decode_bias.view(batch, 1, 1, length), scores, alpha=scale)
+    probs = scores.softmax(-1).to(v.dtype).view(batch * num_kv, group, length)
+    return torch.bmm(probs, v).view(batch, num_heads, head_dim)
 
 
 def register() -> None:
