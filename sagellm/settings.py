@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from sagellm import env_values as ev
 from sagellm.errors import SettingsError
 
 
@@ -122,121 +121,6 @@ class Settings:
 
 
 # --- parsing ---------------------------------------------------------------------------------
-# A parser takes the unquoted, non-empty text and returns the value, or raises ValueError whose
-# message completes "NAME='raw' is not ...".
-
-
-def _unquote(raw: str) -> str:
-    """Strip whitespace and one layer of quotes, as the SageMaker SDK may JSON-encode or str() values."""
-    text = raw.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        if text[0] == '"':
-            # A JSON string may hold escapes (a chat template's "\n"); decode them when it is one.
-            try:
-                decoded = json.loads(text)
-            except ValueError:
-                decoded = None
-            if isinstance(decoded, str):
-                return decoded.strip()
-        text = text[1:-1].strip()
-    return text
-
-
-def _text(text: str) -> str:
-    return text
-
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError("a boolean (true/false, 1/0, yes/no, on/off)")
-
-
-def _int(expected: str, ok: Callable[[int], bool]) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            # "4.0" is what str(float) gives; accept it, but never round "4.5".
-            try:
-                as_float = float(text)
-            except ValueError:
-                raise ValueError(expected) from None
-            if not as_float.is_integer():
-                raise ValueError(expected) from None
-            number = int(as_float)
-        if not ok(number):
-            raise ValueError(expected)
-        return number
-
-    return parse
-
-
-def _float(expected: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(expected) from None
-        if not math.isfinite(number) or not ok(number):
-            raise ValueError(expected)
-        return number
-
-    return parse
-
-
-def _choice(allowed: tuple[str, ...], aliases: Mapping[str, Any] | None = None) -> Callable[[str], Any]:
-    aliases = aliases or {}
-
-    def parse(text: str) -> str | None:
-        lowered = text.lower()
-        if lowered in aliases:
-            return aliases[lowered]
-        if lowered in allowed:
-            return lowered
-        raise ValueError("one of " + ", ".join(allowed))
-
-    return parse
-
-
-def _json_object(text: str) -> Mapping[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        # str() of a Python dict uses single quotes, which JSON refuses.
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = None
-    if not isinstance(value, dict):
-        raise ValueError('a JSON object such as {"enable_thinking": false}')
-    return MappingProxyType(value)
-
-
-_positive_int = _int("a positive integer", lambda n: n >= 1)
-_non_negative_int = _int("a non-negative integer", lambda n: n >= 0)
-_port = _int("a port number (1 to 65535)", lambda n: 1 <= n <= 65535)
-_positive_float = _float("a positive number", lambda x: x > 0)
-_non_negative_float = _float("a non-negative number", lambda x: x >= 0)
-_fraction = _float("a number above 0 and at most 1", lambda x: 0 < x <= 1)
-
-
-def _num_shard(text: str) -> int:
-    if text.lower() == "max":
-        return -1
-    try:
-        return _positive_int(text)
-    except ValueError:
-        raise ValueError("a positive integer or 'max'") from None
-
-
 QUANTIZE_METHODS = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "awq", "gptq",
                     "eetq", "compressed-tensors", "marlin", "exl2")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -272,7 +156,7 @@ class Var:
             raw = environ.get(name)
             if raw is None:
                 continue
-            text = _unquote(raw)
+            text = ev.unquote(raw)
             if not text:  # an empty value counts as unset
                 continue
             try:
@@ -293,85 +177,85 @@ class Var:
 
 
 VARS: list[Var] = [
-    Var("model_id", ("HF_MODEL_ID", "MODEL_ID"), "str", _text,
+    Var("model_id", ("HF_MODEL_ID", "MODEL_ID"), "str", ev.text,
         "Hub id or local path of the model; unset: /opt/ml/model if it holds weights, "
         "else the bundled SmolLM2-135M-Instruct"),
-    Var("revision", ("HF_MODEL_REVISION", "HF_REVISION", "REVISION"), "str", _text,
+    Var("revision", ("HF_MODEL_REVISION", "HF_REVISION", "REVISION"), "str", ev.text,
         "Hub branch, tag or commit of the model"),
-    Var("hf_token", ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"), "str", _text,
+    Var("hf_token", ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"), "str", ev.text,
         "Hugging Face token for gated or private models", secret=True),
-    Var("trust_remote_code", ("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), "bool", _bool,
+    Var("trust_remote_code", ("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), "bool", ev.boolean,
         "Run the model repository's own Python code"),
     Var("quantize", ("HF_MODEL_QUANTIZE", "QUANTIZE"), "one of " + ", ".join(QUANTIZE_METHODS),
-        _choice(QUANTIZE_METHODS), "Quantization method; unset: none"),
-    Var("dtype", ("DTYPE", "TORCH_DTYPE"), "one of " + ", ".join(DTYPES), _choice(DTYPES, _DTYPE_ALIASES),
+        ev.choice(QUANTIZE_METHODS), "Quantization method; unset: none"),
+    Var("dtype", ("DTYPE", "TORCH_DTYPE"), "one of " + ", ".join(DTYPES), ev.choice(DTYPES, _DTYPE_ALIASES),
         "Weight dtype (fp32, fp16, bf16, half, float also accepted); unset: auto"),
     Var("num_shard", ("SM_NUM_GPUS", "NUM_SHARD", "TENSOR_PARALLEL_DEGREE"), "int >= 1 or max",
-        _num_shard, "Tensor-parallel degree; max: every visible device"),
-    Var("model_dir", ("SM_MODEL_DIR",), "str", _text, "Where SageMaker puts model artifacts"),
-    Var("cache_dir", ("SAGELLM_CACHE_DIR",), "str", _text,
+        ev.num_shard, "Tensor-parallel degree; max: every visible device"),
+    Var("model_dir", ("SM_MODEL_DIR",), "str", ev.text, "Where SageMaker puts model artifacts"),
+    Var("cache_dir", ("SAGELLM_CACHE_DIR",), "str", ev.text,
         "Folder for the converted bundled model; unset: ~/.cache/sagellm"),
-    Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), "int >= 1", _positive_int,
+    Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), "int >= 1", ev.positive_int,
         "Most prompt tokens per request; unset: derived from the model"),
-    Var("max_total_tokens", ("MAX_TOTAL_TOKENS",), "int >= 1", _positive_int,
+    Var("max_total_tokens", ("MAX_TOTAL_TOKENS",), "int >= 1", ev.positive_int,
         "Most prompt plus generated tokens per request; unset: derived from the model"),
-    Var("max_batch_prefill_tokens", ("MAX_BATCH_PREFILL_TOKENS",), "int >= 1", _positive_int,
+    Var("max_batch_prefill_tokens", ("MAX_BATCH_PREFILL_TOKENS",), "int >= 1", ev.positive_int,
         "Most prompt tokens prefilled in one engine step; unset: derived"),
-    Var("max_batch_total_tokens", ("MAX_BATCH_TOTAL_TOKENS",), "int >= 1", _positive_int,
+    Var("max_batch_total_tokens", ("MAX_BATCH_TOTAL_TOKENS",), "int >= 1", ev.positive_int,
         "Most tokens held by all running requests together; unset: derived from memory"),
-    Var("max_batch_size", ("MAX_BATCH_SIZE",), "int >= 1", _positive_int,
+    Var("max_batch_size", ("MAX_BATCH_SIZE",), "int >= 1", ev.positive_int,
         "Most requests in one engine step; unset: limited by tokens only"),
-    Var("prefix_caching", ("PREFIX_CACHING",), "bool", _bool,
+    Var("prefix_caching", ("PREFIX_CACHING",), "bool", ev.boolean,
         "Reuse the KV cache of prompts that start like an earlier one (whole 16-token blocks)"),
-    Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", _positive_int,
+    Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", ev.positive_int,
         "Requests in flight before new ones get 429"),
-    Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", _non_negative_int,
+    Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", ev.non_negative_int,
         "Most stop sequences per request"),
-    Var("max_top_n_tokens", ("MAX_TOP_N_TOKENS",), "int >= 0", _non_negative_int,
+    Var("max_top_n_tokens", ("MAX_TOP_N_TOKENS",), "int >= 0", ev.non_negative_int,
         "Most top_n_tokens (alternative tokens per position) per request"),
-    Var("max_best_of", ("MAX_BEST_OF",), "int >= 1", _positive_int, "Largest best_of per request"),
-    Var("max_choices", ("MAX_CHOICES",), "int >= 1", _positive_int, "Largest `n` (choices) per chat/completions request"),
-    Var("disable_grammar_support", ("DISABLE_GRAMMAR_SUPPORT",), "bool", _bool,
+    Var("max_best_of", ("MAX_BEST_OF",), "int >= 1", ev.positive_int, "Largest best_of per request"),
+    Var("max_choices", ("MAX_CHOICES",), "int >= 1", ev.positive_int, "Largest `n` (choices) per chat/completions request"),
+    Var("disable_grammar_support", ("DISABLE_GRAMMAR_SUPPORT",), "bool", ev.boolean,
         "Refuse grammar / response_format / tools that need constrained decoding"),
-    Var("grammar_compile_timeout_s", ("GRAMMAR_COMPILE_TIMEOUT_S",), "float > 0", _positive_float,
+    Var("grammar_compile_timeout_s", ("GRAMMAR_COMPILE_TIMEOUT_S",), "float > 0", ev.positive_float,
         "A grammar or schema that takes longer to compile gets a 422"),
-    Var("max_client_batch_size", ("MAX_CLIENT_BATCH_SIZE",), "int >= 1", _positive_int,
+    Var("max_client_batch_size", ("MAX_CLIENT_BATCH_SIZE",), "int >= 1", ev.positive_int,
         "Most inputs in one request body"),
-    Var("payload_limit", ("PAYLOAD_LIMIT",), "int >= 1", _positive_int, "Largest request body, in bytes"),
-    Var("messages_api_enabled", ("MESSAGES_API_ENABLED", "OAI_ENABLED"), "bool", _bool,
+    Var("payload_limit", ("PAYLOAD_LIMIT",), "int >= 1", ev.positive_int, "Largest request body, in bytes"),
+    Var("messages_api_enabled", ("MESSAGES_API_ENABLED", "OAI_ENABLED"), "bool", ev.boolean,
         "true: /invocations takes chat requests only; false: TGI native only; unset: the body decides"),
-    Var("port", ("SAGEMAKER_BIND_TO_PORT", "PORT"), "int 1..65535", _port, "Port to listen on"),
-    Var("bind_host", ("BIND_HOST",), "str", _text, "Address to listen on"),
-    Var("served_model_name", ("SERVED_MODEL_NAME",), "str", _text,
+    Var("port", ("SAGEMAKER_BIND_TO_PORT", "PORT"), "int 1..65535", ev.port, "Port to listen on"),
+    Var("bind_host", ("BIND_HOST",), "str", ev.text, "Address to listen on"),
+    Var("served_model_name", ("SERVED_MODEL_NAME",), "str", ev.text,
         "Model name reported to clients; unset: the model id"),
-    Var("chat_template", ("CHAT_TEMPLATE",), "str", _text,
+    Var("chat_template", ("CHAT_TEMPLATE",), "str", ev.text,
         "Jinja chat template replacing the tokenizer's"),
-    Var("chat_template_file", ("CHAT_TEMPLATE_FILE",), "str", _text,
+    Var("chat_template_file", ("CHAT_TEMPLATE_FILE",), "str", ev.text,
         "Path of a file holding the chat template"),
-    Var("chat_template_kwargs", ("CHAT_TEMPLATE_KWARGS",), "JSON object", _json_object,
+    Var("chat_template_kwargs", ("CHAT_TEMPLATE_KWARGS",), "JSON object", ev.json_object,
         "Extra variables passed to the chat template"),
-    Var("default_max_tokens", ("DEFAULT_MAX_TOKENS",), "int >= 1", _positive_int,
+    Var("default_max_tokens", ("DEFAULT_MAX_TOKENS",), "int >= 1", ev.positive_int,
         "Generated tokens when a request sets none; unset: the rest of the context"),
-    Var("request_timeout_s", ("REQUEST_TIMEOUT_S",), "float > 0", _positive_float,
+    Var("request_timeout_s", ("REQUEST_TIMEOUT_S",), "float > 0", ev.positive_float,
         "Seconds before a request is cancelled; unset: no limit"),
-    Var("return_full_text", ("RETURN_FULL_TEXT",), "bool", _bool,
+    Var("return_full_text", ("RETURN_FULL_TEXT",), "bool", ev.boolean,
         "Native requests return the prompt before the generated text unless they say otherwise"),
-    Var("api_key", ("API_KEY",), "str", _text,
+    Var("api_key", ("API_KEY",), "str", ev.text,
         "If set, requests must send it as a bearer token", secret=True),
-    Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION",), "float in (0, 1]", _fraction,
+    Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION",), "float in (0, 1]", ev.fraction,
         "Share of device memory (on CPU: available RAM) the KV cache may use"),
-    Var("kv_cache_memory_mb", ("KV_CACHE_MEMORY_MB",), "int >= 1", _positive_int,
+    Var("kv_cache_memory_mb", ("KV_CACHE_MEMORY_MB",), "int >= 1", ev.positive_int,
         "KV cache size in MiB; overrides the fraction"),
-    Var("graceful_termination_timeout", ("GRACEFUL_TERMINATION_TIMEOUT",), "float >= 0", _non_negative_float,
+    Var("graceful_termination_timeout", ("GRACEFUL_TERMINATION_TIMEOUT",), "float >= 0", ev.non_negative_float,
         "Seconds running requests get to finish on shutdown"),
     Var("log_level", ("LOG_LEVEL",), "one of " + ", ".join(LOG_LEVELS),
-        _choice(LOG_LEVELS, {"warn": "warning"}), "Log verbosity (warn also accepted)"),
-    Var("log_prompts", ("LOG_PROMPTS",), "bool", _bool, "Log each request body (prompts included); off by default for privacy"),
-    Var("compute_type", ("COMPUTE_TYPE",), "str", _text,
+        ev.choice(LOG_LEVELS, {"warn": "warning"}), "Log verbosity (warn also accepted)"),
+    Var("log_prompts", ("LOG_PROMPTS",), "bool", ev.boolean, "Log each request body (prompts included); off by default for privacy"),
+    Var("compute_type", ("COMPUTE_TYPE",), "str", ev.text,
         "Value of the x-compute-type response header; unset: decided by the device"),
-    Var("watchdog_timeout_s", ("WATCHDOG_TIMEOUT_S",), "float > 0", _positive_float,
+    Var("watchdog_timeout_s", ("WATCHDOG_TIMEOUT_S",), "float > 0", ev.positive_float,
         "/ping fails if no engine step completes for this long while work is queued"),
-    Var("worker_threads", ("SAGELLM_THREADS",), "int >= 1", _positive_int,
+    Var("worker_threads", ("SAGELLM_THREADS",), "int >= 1", ev.positive_int,
         "gunicorn threads; unset: MAX_CONCURRENT_REQUESTS + 8"),
 ]
 

@@ -100,7 +100,7 @@ class PagedKVCache:
     """Per layer, keys and values as [num_kv_heads, num_blocks * block_size, head_dim]: a flat
     slot index (block * block_size + offset) addresses one token of one sequence, in every head.
 
-    Head-major, so a decode step gathers the context of every (kv head, sequence) as whole blocks
+    Head-major, so a decode step gathers the context of every (sequence, kv head) as whole blocks
     along dim 0, ready for batched matmuls. The token-major layout needed a second, transposing
     copy of the gathered context: a batch-64 step at ~94 (~158) tokens of context took 60.1
     (75.7) ms that way, 54.8 (61.6) ms now (docs/performance.md)."""
