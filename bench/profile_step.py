@@ -74,9 +74,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--cpu-kernels", default="true", help="false: torch operators instead of the fused kernels")
     ap.add_argument("--profile", action="store_true", help="also print the torch profiler's top ops")
     a = ap.parse_args()
-    lm = load_model(Settings.from_env({"DTYPE": a.dtype}))
+    lm = load_model(Settings.from_env({"DTYPE": a.dtype, "CPU_KERNELS": a.cpu_kernels}))
     cfg = EngineConfig(max_batch_size=128, max_prefill_tokens=4096, max_total_tokens=2048, num_kv_blocks=2048)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids)  # not started: driven here
     engine.is_alive = lambda: True
@@ -84,7 +85,7 @@ def main() -> int:
     params = 134_515_008 if "SmolLM2" in lm.source.model_id else sum(p.numel() for p in lm.model.parameters())
     weight_mb = params * lm.model.dtype.itemsize / 1e6  # packed linears are no longer parameters
     print(f"model: {params / 1e6:.1f}M params, {weight_mb:.0f} MB of weights in {a.dtype}; "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}; fused CPU kernels {'on' if lm.model.sagellm_kernels else 'off'}")
     rows = [measure(engine, prompt, b, a.steps) for b in map(int, a.batches.split(","))]
     cols = ["batch", "ms_per_step", "tok_per_s", "schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "output_ms"]
     print("| " + " | ".join(cols) + " |")

@@ -37,6 +37,7 @@ class Settings:
     max_batch_total_tokens: int | None = None
     max_batch_size: int | None = None
     prefix_caching: bool = True
+    cpu_kernels: bool = True
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 16
     max_top_n_tokens: int = 20
@@ -207,6 +208,9 @@ VARS: list[Var] = [
         "Most requests in one engine step; unset: limited by tokens only"),
     Var("prefix_caching", ("PREFIX_CACHING",), "bool", ev.boolean,
         "Reuse the KV cache of prompts that start like an earlier one (whole 16-token blocks)"),
+    Var("cpu_kernels", ("CPU_KERNELS",), "bool", ev.boolean,
+        "On CPU, sagellm's fused AVX-512 kernels (built once with g++) for decode attention, RMSNorm "
+        "and SwiGLU; false: torch operators only"),
     Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", ev.positive_int,
         "Requests in flight before new ones get 429"),
     Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", ev.non_negative_int,

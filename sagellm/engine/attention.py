@@ -33,12 +33,8 @@ class StepMetadata:
     decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size] float32, -inf past each end
     prefills: list[PrefillChunk]
     decode_rows: torch.Tensor | None = None  # [B_decode * KVH * NB] rows of the [KVH * blocks, ...] cache view
-
-    def __post_init__(self):
-        if self.decode_blocks is not None and self.decode_rows is None:
-            heads = torch.arange(self.cache.num_kv_heads, device=self.decode_blocks.device)
-            rows = heads[None, :, None] * self.cache.num_blocks + self.decode_blocks[:, None, :]
-            self.decode_rows = rows.view(-1)  # sequence-major, then kv head, then block
+    decode_lens: torch.Tensor | None = None  # [B_decode] int64 context lengths
+    kernels: object = None  # torch.ops.sagellm (sagellm.model.cpu_kernels), or None
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -110,6 +106,12 @@ def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling) -> torch.Tensor:
     return out.view(num_heads, t, head_dim)
 
 
+def kernel_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the fused decode kernel (sagellm.model.cpu_kernels) takes this shape and dtype."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == q.dtype
+            and q.shape[-1] in (64, 128) and q.shape[0] % k_cache.shape[0] == 0 and q.shape[0] // k_cache.shape[0] <= 8)
+
+
 def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch.Tensor:
     """One query token per sequence. q: [H, B, D] -> [B, H, D].
 
@@ -121,7 +123,15 @@ def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch
     num_kv = k_cache.shape[0]
     group = num_heads // num_kv
     bs = meta.cache.block_size
+    if meta.kernels is not None and kernel_fits(q, k_cache) and meta.decode_lens is not None:
+        scale = scaling if scaling is not None else head_dim ** -0.5
+        return meta.kernels.paged_decode_attention(q.transpose(0, 1), k_cache, v_cache, meta.decode_blocks,
+                                                   meta.decode_lens, bs, scale)
     length = meta.decode_blocks.shape[1] * bs
+    if meta.decode_rows is None:  # computed by the first layer, reused by the rest
+        heads = torch.arange(num_kv, device=q.device)
+        rows = heads[None, :, None] * meta.cache.num_blocks + meta.decode_blocks[:, None, :]
+        meta.decode_rows = rows.view(-1)  # sequence-major, then kv head, then block
     # Whole blocks of every (sequence, kv head), gathered along dim 0 so the copy runs in parallel
     # over rows: [B * KVH * NB, bs, D] -> one [L, D] context per (sequence, kv head). Sequence-major,
     # so the output is already [B, H, D].

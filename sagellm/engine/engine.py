@@ -18,7 +18,7 @@ import torch
 from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.runner import ModelRunner, PromptLogprobRows
-from sagellm.engine.sampler import sample
+from sagellm.engine.sampler import plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.events import FinishReason, PromptToken, TokenEvent, TopToken
@@ -96,6 +96,7 @@ class LLMEngine:
         nb, bs, layers, kvh, hd, dt = cache_shape
         self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device, prefix_caching=config.prefix_caching)
         self.runner = ModelRunner(model, self.cache, device, tp_group)
+        self.kernels = getattr(model, "sagellm_kernels", None)  # sagellm.model.cpu_kernels
         self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
@@ -192,11 +193,13 @@ class LLMEngine:
         phases = self.phase_seconds
         try:
             with torch.inference_mode():
-                logits, prompt_rows = self.runner.run(batch, phases)
+                logits, prompt_rows = self.runner.run(batch, phases)  # in the model's dtype
                 t2 = time.perf_counter()
+                n = len(sampling)
                 if prompt_rows:
-                    self._keep_prompt_logprobs(logits[len(sampling):], prompt_rows)
-                samples = sample(logits[:len(sampling)], sampling, self.eos_token_ids)
+                    self._keep_prompt_logprobs(logits[n:].float(), prompt_rows)
+                samples = (plain_greedy(logits[:n], sampling, self.eos_token_ids, self.kernels)
+                           or sample(logits[:n].float(), sampling, self.eos_token_ids))
         except Exception as exc:  # one bad step fails its requests, not the server
             log.exception("engine step failed")
             for seq in batch.decodes + [s for s, _ in batch.prefills]:

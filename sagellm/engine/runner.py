@@ -30,6 +30,7 @@ class StepInputs:
     decode_blocks: torch.Tensor | None  # [B_decode, NB]
     decode_bias: torch.Tensor | None  # [B_decode, 1, 1, NB * block_size]
     prefills: list[PrefillChunk]
+    decode_lens: torch.Tensor | None = None  # [B_decode] tokens of each context, this step's included
     fresh_blocks: torch.Tensor | None = None  # blocks used for the first time: zero them first
     # Rows of `keep` after the N sampled ones: prompt positions whose next-token logprob a
     # request asked for (TGI's decoder_input_details). 0 unless asked, so no cost otherwise.
@@ -118,12 +119,13 @@ class ModelRunner:
             keep=torch.tensor(keep), num_sampled=len(logit_rows),
             slot_mapping=torch.cat(slot_parts), num_decode=len(batch.decodes),
             decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
-            fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None,
+            decode_lens=lengths if batch.decodes else None, fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None,
             num_prompt_logprobs=len(extra_rows)), prompt_rows
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
-        """float32 logits [step.num_sampled + step.num_prompt_logprobs, vocab]. Runs on every rank."""
+        """Logits [step.num_sampled + step.num_prompt_logprobs, vocab] in the model's dtype. Runs on
+        every rank."""
         dev = self.device
         to = (lambda t: None if t is None else t.to(dev, non_blocking=True))
         if step.fresh_blocks is not None:
@@ -131,14 +133,15 @@ class ModelRunner:
         prefills = [PrefillChunk(c.q_start, c.q_len, c.ctx_len, to(c.slots), to(c.mask)) for c in step.prefills]
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
-                            prefills=prefills)
+                            prefills=prefills, decode_lens=to(step.decode_lens),
+                            kernels=getattr(self.model, "sagellm_kernels", None))
         fast = getattr(self.model, "sagellm_fast", None)
         if fast is not None:  # sagellm.model.fast_decoder: same arithmetic, less Python
             logits = fast(to(step.input_ids), to(step.position_ids), to(step.keep), paged_attention, meta)
         else:
             logits = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
                                 logits_to_keep=to(step.keep), sagellm_meta=meta).logits[0]
-        return logits[:step.num_sampled + step.num_prompt_logprobs].float()
+        return logits[:step.num_sampled + step.num_prompt_logprobs]
 
     def run(self, batch: ScheduledBatch, phases: dict[str, float] | None = None
             ) -> tuple[torch.Tensor, list[PromptLogprobRows]]:

@@ -66,15 +66,35 @@ def _warp(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return row
 
 
+def _ban_eos(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> None:
+    banned = [i for i, seq in enumerate(seqs) if _eos_banned(seq)] if eos_ids else []
+    if banned:  # one indexing operation for the whole batch (min_tokens, ignore_eos)
+        rows = torch.tensor(banned, device=logits.device)[:, None]
+        logits[rows, torch.tensor(eos_ids, device=logits.device)[None, :]] = float("-inf")
+
+
+def plain_greedy(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...], kernels
+                 ) -> list[Sample] | None:
+    """When every row is greedy with nothing else to apply (no penalties, logprobs or grammar),
+    the picks straight off the model-dtype logits with the fused argmax (sagellm.model.cpu_kernels):
+    converting a batch-64 step's bf16 logits to float32 and taking torch's argmax cost 3 ms of a
+    40 ms step (docs/performance.md). The same tokens: bf16 to float32 is exact. None otherwise."""
+    if kernels is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    for seq in seqs:
+        p = seq.params
+        if p.do_sample or p.needs_penalties or p.logprobs or p.top_n_tokens or seq.matcher is not None:
+            return None
+    _ban_eos(logits, seqs, eos_ids)
+    return [Sample(t, None, []) for t in kernels.argmax_rows(logits).tolist()]
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[Sample]:
     """logits: [N, vocab] float32, one row per sequence in `seqs` (modified in place)."""
     for i, seq in enumerate(seqs):
         if seq.params.needs_penalties:
             _apply_penalties(logits[i], seq)
-    banned = [i for i, seq in enumerate(seqs) if _eos_banned(seq)] if eos_ids else []
-    if banned:  # one indexing operation for the whole batch (min_tokens, ignore_eos)
-        rows = torch.tensor(banned, device=logits.device)[:, None]
-        logits[rows, torch.tensor(eos_ids, device=logits.device)[None, :]] = float("-inf")
+    _ban_eos(logits, seqs, eos_ids)
     # Log-normalisers only for the rows that report logprobs: a pass over 49k+ logits per row
     # is a measurable share of a large batch's step (docs/performance.md).
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs or seq.params.top_n_tokens]

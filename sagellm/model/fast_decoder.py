@@ -91,12 +91,33 @@ class _Layer:
 
 
 class FastDecoder:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, kernels=None):
+        """kernels: torch.ops.sagellm (sagellm.model.cpu_kernels) for the fused residual add,
+        RMSNorm and SwiGLU, or None for torch's operators."""
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         head = model.lm_head
         self.lm_head = _Linear(head.weight.detach(), None if head.bias is None else head.bias.detach())
         self.layers = [_Layer(layer, model.config) for layer in inner.layers]
+        fits = (head.weight.dtype in (torch.float32, torch.bfloat16) and head.weight.device.type == "cpu"
+                and model.config.hidden_size % 16 == 0 and model.config.intermediate_size % 16 == 0)
+        self.kernels = kernels if fits else None
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h + delta), h + delta); the fused kernel adds into h in place."""
+        k = self.kernels
+        if k is None:
+            h = h if delta is None else h + delta
+            return _rms_norm(h, norm), h
+        if delta is None:
+            return k.rms_norm(h, norm.weight, norm.variance_epsilon), h
+        return k.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon), h
+
+    def _swiglu(self, gu: torch.Tensor, intermediate: int) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gu)
+        return F.silu(gu[:, :intermediate]) * gu[:, intermediate:]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
@@ -107,8 +128,9 @@ class FastDecoder:
         cos, sin = self.rotary(h[None], position_ids)  # [1, T, D]
         t = h.shape[0]
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: q and k heads rotate together
+        delta = None  # the MLP output still to be added to h (fused with the next norm)
         for layer in self.layers:
-            x = _rms_norm(h, layer.in_norm)
+            x, h = self._add_norm(h, delta, layer.in_norm)
             qkv = layer.qkv(x)  # [T, q + 2 kv]
             d, heads = layer.head_dim, layer.q_size // layer.head_dim
             qk = _rotate(qkv[:, :layer.q_size + layer.kv_size].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
@@ -116,9 +138,7 @@ class FastDecoder:
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
             o, _ = attention(layer.attn_module, q, k, v, None, scaling=layer.scaling, sagellm_meta=meta)
-            h = h + layer.o(o.reshape(t, -1))
-            x = _rms_norm(h, layer.post_norm)
-            gu = layer.gate_up(x)
-            h = h + layer.down(F.silu(gu[:, :layer.intermediate]) * gu[:, layer.intermediate:])
-        h = _rms_norm(h.index_select(0, keep), self.norm)
-        return self.lm_head(h)
+            x, h = self._add_norm(h, layer.o(o.reshape(t, -1)), layer.post_norm)
+            delta = layer.down(self._swiglu(layer.gate_up(x), layer.intermediate))
+        h = (h + delta).index_select(0, keep)
+        return self.lm_head(self._add_norm(h, None, self.norm)[0])

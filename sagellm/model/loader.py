@@ -12,7 +12,7 @@ import torch
 from sagellm.engine import attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.errors import ModelLoadError, SettingsError
-from sagellm.model import cpu_linear, fast_decoder
+from sagellm.model import bundled, cpu_kernels, cpu_linear, fast_decoder
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.resolve import ModelSource, resolve_model
 from sagellm.settings import Settings
@@ -94,10 +94,14 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise _load_error(path, exc) from exc
+    kernels = None
+    if device == "cpu" and settings.cpu_kernels:
+        kernels = cpu_kernels.load(bundled.default_cache_dir(settings.cache_dir))
+    model.sagellm_kernels = kernels  # the runner hands them to the paged attention
     if not tp:
         model.to(device)
         if fast_decoder.eligible(model):
-            model.sagellm_fast = fast_decoder.FastDecoder(model)
+            model.sagellm_fast = fast_decoder.FastDecoder(model, kernels)
         elif device == "cpu" and cpu_linear.available(model.dtype):
             cpu_linear.pack_linears(model)
     return model.eval()

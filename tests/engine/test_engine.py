@@ -56,7 +56,11 @@ def test_greedy_equals_transformers_generate(chat_ids, loaded_model, reference_m
         assert token_ids(engine.submit(ids, greedy(32))) == reference(reference_model, ids, 32)
 
 
-def test_bfloat16_greedy_equals_transformers_generate(chat_ids, loaded_model):
+def test_bfloat16_greedy_follows_transformers_generate(chat_ids, loaded_model):
+    """In bf16 a logit's last bit depends on the order of every sum (ours, transformers' and
+    each kernel's differ), so two correct implementations part ways at a near tie. The engine's
+    tokens must equal transformers' up to the first difference, and there the engine's token must
+    be one transformers scored within two bf16 steps (0.25 nats at these logits) of its own."""
     from transformers import AutoModelForCausalLM
 
     from sagellm.model.loader import load_weights
@@ -68,12 +72,25 @@ def test_bfloat16_greedy_equals_transformers_generate(chat_ids, loaded_model):
                        EngineConfig(max_batch_size=8, max_prefill_tokens=512, max_total_tokens=2048,
                                     num_kv_blocks=256), loaded_model.eos_token_ids)
     engine.start()
+    agreed = 0
     try:
-        for q in QUESTIONS[:2]:
+        for q in QUESTIONS[:4]:
             ids = chat_ids(q)
-            assert token_ids(engine.submit(ids, greedy(24))) == reference(ref, ids, 24)
+            got = token_ids(engine.submit(ids, greedy(24)))
+            with torch.inference_mode():
+                out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True)
+            expected = out.sequences[0, len(ids):].tolist()
+            n = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+            if n is None:
+                assert got == expected
+                agreed += 1
+                continue
+            logprobs = out.scores[n][0].float().log_softmax(-1)
+            assert logprobs[expected[n]] - logprobs[got[n]] <= 0.25, (q, n, got[n], expected[n])
     finally:
         engine.stop()
+    assert agreed >= 1  # and some agree all the way
 
 
 def test_batched_equals_single_and_generate(chat_ids, loaded_model, reference_model, engine):

@@ -1,0 +1,124 @@
+"""sagellm's fused CPU kernels (sagellm/model/cpu_kernels.py) against the torch operators they
+replace, and the engine with them off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sagellm.engine.attention import StepMetadata, _decode_attention
+from sagellm.engine.kv_cache import PagedKVCache
+from sagellm.model import cpu_kernels
+
+
+@pytest.fixture(scope="module")
+def ops():
+    k = cpu_kernels.load()
+    # This project's machines (CI's included) have AVX-512 and g++: the kernels must be there.
+    assert k is not None, cpu_kernels.unsupported_reason() or "the build failed (see the log)"
+    return k
+
+
+def _decode_case(dtype, batch, heads, kv_heads, head_dim, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bs, num_blocks = 16, 512
+    cache = PagedKVCache(1, num_blocks, bs, kv_heads, head_dim, dtype)
+    cache._store.copy_(torch.randn(cache._store.shape, generator=g))
+    nb = -(-max(lengths) // bs)
+    table = torch.randperm(num_blocks, generator=g)[:batch * nb].view(batch, nb)  # scattered blocks
+    lens = torch.tensor(lengths)
+    bias = torch.zeros(batch, 1, 1, nb * bs).masked_fill_(torch.arange(nb * bs) >= lens[:, None, None, None], float("-inf"))
+    q = torch.randn(batch, heads + kv_heads, head_dim, generator=g).to(dtype)[:, :heads]  # strided rows, as served
+    return cache, table, lens, bias, q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 64), (16, 2, 128)])
+def test_decode_attention_equals_torch(ops, dtype, heads, kv_heads, head_dim):
+    lengths = [1, 15, 16, 17, 33, 100, 250]  # block edges, a single token, long contexts
+    cache, table, lens, bias, q = _decode_case(dtype, len(lengths), heads, kv_heads, head_dim, lengths)
+    k_cache, v_cache = cache.keys[0], cache.values[0]
+    meta = StepMetadata(cache, None, len(lengths), table, bias, [], decode_lens=lens)
+    expected = _decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125)  # torch operators
+    got = ops.paged_decode_attention(q, k_cache, v_cache, table, lens, 16, 0.125)
+    assert got.shape == expected.shape and got.dtype == dtype
+    # The torch path rounds scores and probabilities to bf16 on the way; the kernel keeps float32.
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.float(), expected.float(), **tol)
+    # and through paged_attention's own dispatch, with the kernels on the step's metadata
+    meta.kernels = ops
+    torch.testing.assert_close(_decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125), got)
+
+
+def _nearly_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal but for the order of a sum (the norm) or torch's own exp (silu): float32 to rounding,
+    bf16 at most one step apart and almost always equal."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    if got.dtype == torch.bfloat16:
+        assert (got != expected).float().mean() < 0.01
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_norms_and_swiglu_equal_torch(ops, dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=g) * 4).to(dtype)
+    delta = torch.randn(rows, 576, generator=g).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+    _nearly_equal(ops.rms_norm(x, w, 1e-5), w * F.rms_norm(x, (576,), eps=1e-5))
+    h = x.clone()
+    y = ops.add_rms_norm(h, delta, w, 1e-5)
+    assert torch.equal(h, x + delta)  # the residual, added in place and rounded as torch rounds
+    _nearly_equal(y, w * F.rms_norm(x + delta, (576,), eps=1e-5))
+    gu = (torch.randn(rows, 2 * 1536, generator=g) * 3).to(dtype)
+    _nearly_equal(ops.silu_mul(gu), F.silu(gu[:, :1536]) * gu[:, 1536:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49152, 1000, 7])
+def test_argmax_rows_equals_torch_argmax(ops, dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g).to(dtype)
+    x[1] = 0.0  # every entry ties: the first wins
+    x[2, vocab // 2:] = 50.0  # ties between lanes and in the tail
+    x[3] = float("-inf")
+    x[4, -1] = 99.0  # the very last entry
+    x[5] = x[5].round()  # many ties among integers (bf16 holds them exactly)
+    assert torch.equal(ops.argmax_rows(x), torch.argmax(x.float(), dim=-1))
+
+
+def test_kernels_refuse_bad_input(ops):
+    x = torch.randn(4, 576, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.rms_norm(x, torch.ones(576, dtype=torch.float16), 1e-5)
+    cache, table, lens, _, q = _decode_case(torch.float32, 2, 9, 3, 32, [5, 9])
+    with pytest.raises(RuntimeError, match="head dim 32"):
+        ops.paged_decode_attention(q, cache.keys[0], cache.values[0], table, lens, 16, 0.1)
+
+
+def test_engine_output_same_with_kernels_off(chat_ids, loaded_model):
+    """float32: the kernels change no greedy token of the bundled model."""
+    from sagellm.engine.engine import EngineConfig, LLMEngine
+    from sagellm.engine.sampling_params import SamplingParams
+    from sagellm.model.loader import load_weights
+    from sagellm.settings import Settings
+
+    assert loaded_model.model.sagellm_kernels is not None  # on by default
+    assert loaded_model.model.dtype == torch.float32
+    plain = load_weights(loaded_model.source.path, Settings(dtype="float32", cpu_kernels=False), "cpu")
+    assert plain.sagellm_kernels is None and plain.sagellm_fast.kernels is None
+    prompts = [chat_ids(q) for q in ("Why is the sky blue?", "Name three prime numbers.", "Write a haiku.")]
+    outputs = []
+    for model in (loaded_model.model, plain):
+        engine = LLMEngine(model, loaded_model.tokenizer, EngineConfig(8, 512, 2048, 256), loaded_model.eos_token_ids)
+        engine.start()
+        try:
+            handles = [engine.submit(p, SamplingParams(max_new_tokens=24)) for p in prompts]
+            outputs.append([[e.token_id for e in h if e.token_id >= 0] for h in handles])
+        finally:
+            engine.stop()
+    assert outputs[0] == outputs[1]
