@@ -42,8 +42,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     meta: StepMetadata = kwargs["sagellm_meta"]
     k_cache = meta.cache.keys[module.layer_idx]  # [KVH, S, D]
     v_cache = meta.cache.values[module.layer_idx]
-    k_cache.index_copy_(1, meta.slot_mapping, key[0].to(k_cache.dtype))
-    v_cache.index_copy_(1, meta.slot_mapping, value[0].to(v_cache.dtype))
+    if not kwargs.get("sagellm_cache_written"):  # the fused rope_write_kv kernel stored them already
+        k_cache.index_copy_(1, meta.slot_mapping, key[0].to(k_cache.dtype))
+        v_cache.index_copy_(1, meta.slot_mapping, value[0].to(v_cache.dtype))
 
     outputs = []
     nd = meta.num_decode

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # x86-64-v4 = AVX-512 F/BW/CD/DQ/VL: the build runs on any such CPU, not only the one it was
-# compiled on (an image is built on one machine and run on another).
-FLAGS = ("-O3", "-march=x86-64-v4", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
+# compiled on (an image is built on one machine and run on another). No contraction of a multiply
+# and an add into one FMA: the kernels round where torch's separate operators round.
+FLAGS = ("-O3", "-march=x86-64-v4", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 
 _lock = threading.Lock()

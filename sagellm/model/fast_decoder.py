@@ -92,8 +92,8 @@ class _Layer:
 
 class FastDecoder:
     def __init__(self, model: nn.Module, kernels=None):
-        """kernels: torch.ops.sagellm (sagellm.model.cpu_kernels) for the fused residual add,
-        RMSNorm and SwiGLU, or None for torch's operators."""
+        """kernels: torch.ops.sagellm (sagellm.model.cpu_kernels) for the fused residual add and
+        RMSNorm, SwiGLU, and rotary embedding with the KV cache write; None: torch's operators."""
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         head = model.lm_head
@@ -127,17 +127,26 @@ class FastDecoder:
         h = self.embed(input_ids)[0]  # [T, hidden]
         cos, sin = self.rotary(h[None], position_ids)  # [1, T, D]
         t = h.shape[0]
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: q and k heads rotate together
+        cos2, sin2 = cos[0], sin[0]  # [T, D]
+        cos, sin = cos2[:, None], sin2[:, None]  # [T, 1, D]: q and k heads rotate together
+        rope_kernel = (self.kernels is not None and self.layers[0].head_dim % 32 == 0
+                       and meta.cache.keys[0].dtype == h.dtype)
         delta = None  # the MLP output still to be added to h (fused with the next norm)
         for layer in self.layers:
             x, h = self._add_norm(h, delta, layer.in_norm)
             qkv = layer.qkv(x)  # [T, q + 2 kv]
             d, heads = layer.head_dim, layer.q_size // layer.head_dim
-            qk = _rotate(qkv[:, :layer.q_size + layer.kv_size].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
+            if rope_kernel:  # rotated and the new k/v stored in the cache in one operator
+                idx = layer.attn_module.layer_idx
+                qk = self.kernels.rope_write_kv(qkv, cos2, sin2, meta.slot_mapping, meta.cache.keys[idx],
+                                                meta.cache.values[idx], heads, layer.kv_size // d)
+            else:
+                qk = _rotate(qkv[:, :layer.q_size + layer.kv_size].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
             q = qk[:, :heads].transpose(0, 1)[None]  # [1, H, T, D]
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
-            o, _ = attention(layer.attn_module, q, k, v, None, scaling=layer.scaling, sagellm_meta=meta)
+            o, _ = attention(layer.attn_module, q, k, v, None, scaling=layer.scaling, sagellm_meta=meta,
+                             sagellm_cache_written=rope_kernel)
             x, h = self._add_norm(h, layer.o(o.reshape(t, -1)), layer.post_norm)
             delta = layer.down(self._swiglu(layer.gate_up(x), layer.intermediate))
         h = (h + delta).index_select(0, keep)

@@ -91,6 +91,27 @@ def test_argmax_rows_equals_torch_argmax(ops, dtype, vocab):
     assert torch.equal(ops.argmax_rows(x), torch.argmax(x.float(), dim=-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_rope_write_kv_equals_rotate_and_index_copy(ops, dtype, tokens):
+    from sagellm.model.fast_decoder import _rotate
+
+    heads, kv_heads, d = 9, 3, 64
+    g = torch.Generator().manual_seed(tokens)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g) * 3).to(dtype)
+    angles = torch.rand(tokens, d // 2, generator=g) * 100
+    cos, sin = (torch.cat((f(angles), f(angles)), dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(200, generator=g)[:tokens]
+    expected_qk = _rotate(qkv[:, :(heads + kv_heads) * d].view(tokens, -1, d), cos[:, None], sin[:, None])
+    k_ref, v_ref = torch.zeros(kv_heads, 200, d, dtype=dtype), torch.zeros(kv_heads, 200, d, dtype=dtype)
+    k_ref.index_copy_(1, slots, expected_qk[:, heads:].transpose(0, 1))
+    v_ref.index_copy_(1, slots, qkv[:, (heads + kv_heads) * d:].view(tokens, kv_heads, d).transpose(0, 1))
+    k_cache, v_cache = torch.zeros_like(k_ref), torch.zeros_like(v_ref)
+    qk = ops.rope_write_kv(qkv, cos, sin, slots, k_cache, v_cache, heads, kv_heads)
+    assert torch.equal(qk, expected_qk)  # the same roundings, in the same places
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
 def test_kernels_refuse_bad_input(ops):
     x = torch.randn(4, 576, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):

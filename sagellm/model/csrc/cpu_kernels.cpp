@@ -5,7 +5,9 @@
 //                           (the torch path gathers every context into a copy first);
 //   rms_norm, add_rms_norm  transformers' LlamaRMSNorm, optionally after the residual add;
 //   silu_mul                SwiGLU's silu(gate) * up on the fused gate/up projection;
-//   argmax_rows             greedy picks straight off bf16 logits (torch first converts them).
+//   argmax_rows             greedy picks straight off bf16 logits (torch first converts them);
+//   rope_write_kv           rotary embedding of the q and k heads, and the new k and v stored in
+//                           the paged cache, straight from the fused q/k/v projection.
 // Arithmetic follows the torch operators it replaces: float32 inside, results rounded to the
 // tensor's dtype where torch rounds them.
 
@@ -16,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -288,6 +291,80 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return y;
 }
 
+// ---- rotary embedding + KV cache write ----
+
+// x rounded to T's precision (round to nearest even), kept in float32.
+inline __m512 round_to(__m512 x, const float*) { return x; }
+inline __m512 round_to(__m512 x, const bf16*) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+template <typename T>
+void rope_write_kv_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache,
+                        int64_t heads, int64_t kv_heads, at::Tensor& qk) {
+  const int64_t T_ = qkv.size(0), D = cos.size(1), half = D / 2, S = k_cache.size(1);
+  const int64_t rows_per_token = heads + 2 * kv_heads;
+  const T* xp = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  T* out = qk.data_ptr<T>();
+  at::parallel_for(0, T_ * rows_per_token, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / rows_per_token, head = r % rows_per_token;
+      const T* x = xp + r * D;
+      if (head >= heads + kv_heads) {  // a v head: stored as it is
+        std::memcpy(vc + ((head - heads - kv_heads) * S + slot[t]) * D, x, D * sizeof(T));
+        continue;
+      }
+      // transformers: x * cos + rotate_half(x) * sin, each product and the sum rounded to T.
+      T* o = out + (t * (heads + kv_heads) + head) * D;
+      const T* c = cp + t * D;
+      const T* s = sp + t * D;
+      for (int64_t i = 0; i < half; i += 16) {
+        const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+        const __m512 a1 = round_to(_mm512_mul_ps(x1, load16(c + i)), x);
+        const __m512 b1 = round_to(_mm512_mul_ps(x2, load16(s + i)), x);
+        store16(o + i, _mm512_sub_ps(a1, b1));
+        const __m512 a2 = round_to(_mm512_mul_ps(x2, load16(c + half + i)), x);
+        const __m512 b2 = round_to(_mm512_mul_ps(x1, load16(s + half + i)), x);
+        store16(o + half + i, _mm512_add_ps(a2, b2));
+      }
+      if (head >= heads)
+        std::memcpy(kc + ((head - heads) * S + slot[t]) * D, o, D * sizeof(T));
+    }
+  });
+}
+
+at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache,
+                         int64_t heads, int64_t kv_heads) {
+  // qkv: [T, (heads + 2 kv_heads) * D]; cos, sin: [T, D]; slots: [T] int64; caches [KVH, S, D].
+  // -> [T, heads + kv_heads, D]: the rotated q and k heads.
+  const int64_t D = cos.size(1);
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && D % 32 == 0,
+              "rope_write_kv: contiguous inputs, head dim a multiple of 32");
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * D && cos.size(0) == qkv.size(0) && sin.sizes() == cos.sizes(),
+              "rope_write_kv: shapes do not match");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(0) == kv_heads && k_cache.size(2) == D,
+              "rope_write_kv: caches must be contiguous [kv_heads, slots, D]");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && k_cache.scalar_type() == qkv.scalar_type() &&
+              v_cache.scalar_type() == qkv.scalar_type(), "rope_write_kv: one dtype for all");
+  const auto sl = slots.contiguous();
+  TORCH_CHECK(sl.scalar_type() == at::kLong && sl.numel() == qkv.size(0), "rope_write_kv: one int64 slot per token");
+  auto qk = at::empty({qkv.size(0), heads + kv_heads, D}, qkv.options());
+  if (qkv.scalar_type() == at::kBFloat16) rope_write_kv_impl<bf16>(qkv, cos, sin, sl, k_cache, v_cache, heads, kv_heads, qk);
+  else if (qkv.scalar_type() == at::kFloat) rope_write_kv_impl<float>(qkv, cos, sin, sl, k_cache, v_cache, heads, kv_heads, qk);
+  else TORCH_CHECK(false, "rope_write_kv: float32 or bfloat16 only");
+  return qk;
+}
+
 // ---- greedy: the first index of each row's maximum, as torch.argmax ----
 
 template <typename T>
@@ -343,6 +420,8 @@ TORCH_LIBRARY(sagellm, m) {
   m.def("add_rms_norm(Tensor(a!) h, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "int heads, int kv_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sagellm, CPU, m) {
@@ -351,4 +430,5 @@ TORCH_LIBRARY_IMPL(sagellm, CPU, m) {
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_mul", silu_mul);
   m.impl("argmax_rows", argmax_rows);
+  m.impl("rope_write_kv", rope_write_kv);
 }
