@@ -1,4 +1,4 @@
-"""sagellm's fused CPU kernels (csrc/cpu_kernels.cpp): compiled once per machine with the system
+"""sagellm's fused CPU kernels (csrc/): compiled once per machine with the system
 C++ compiler against the installed torch, cached, and registered as `torch.ops.sagellm.*`.
 
 They need x86-64 with AVX-512 (x86-64-v4: Intel Skylake-SP and later, AMD Zen 4 and later). Where
@@ -24,7 +24,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "cpu_kernels.cpp", CSRC / "decode_attention.cpp")
+HEADERS = (CSRC / "simd.h",)
 # x86-64-v4 = AVX-512 F/BW/CD/DQ/VL: the build runs on any such CPU, not only the one it was
 # compiled on (an image is built on one machine and run on another). No contraction of a multiply
 # and an add into one FMA: the kernels round where torch's separate operators round.
@@ -59,7 +61,8 @@ def unsupported_reason() -> str | None:
 
 def library_path(cache_dir: Path) -> Path:
     """Where the build for this source, torch and compiler flags lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode() +
+    code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(code + torch.__version__.encode() + " ".join(FLAGS).encode() +
                          str(torch._C._GLIBCXX_USE_CXX11_ABI).encode()).hexdigest()[:16]
     return cache_dir / "kernels" / f"sagellm_cpu_kernels-{key}.so"
 
@@ -77,7 +80,7 @@ def build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", tmp, *libs, "-ltorch_cpu", "-lc10"]
+        cmd = [compiler, *FLAGS, abi, *includes, *map(str, SOURCES), "-o", tmp, *libs, "-ltorch_cpu", "-lc10"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")

@@ -1,8 +1,8 @@
 // Fused CPU kernels for the decode step (AVX-512, float32 and bfloat16), built and loaded by
 // sagellm/model/cpu_kernels.py. Each replaces a run of small torch operators whose per-call cost
 // dominated a batched decode step on this project's 2-core machines (docs/performance.md):
-//   paged_decode_attention  one query token per sequence over its paged K/V, read in place
-//                           (the torch path gathers every context into a copy first);
+//   paged_decode_attention  (decode_attention.cpp) one query token per sequence over its paged
+//                           K/V, read in place (the torch path gathers every context first);
 //   rms_norm, add_rms_norm  transformers' LlamaRMSNorm, optionally after the residual add;
 //   silu_mul                SwiGLU's silu(gate) * up on the fused gate/up projection;
 //   argmax_rows             greedy picks straight off bf16 logits (torch first converts them);
@@ -13,7 +13,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -21,214 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-using bf16 = c10::BFloat16;
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// float32 -> bfloat16 rounding to nearest even, NaN kept a (quiet) NaN, as c10::BFloat16 does.
-inline void store16(bf16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-
-// e^x: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// ---- decode attention ----
-
-// In place: s[0 .. n) <- softmax(s).
-inline void softmax_inplace(float* s, int64_t n) {
-  float m = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv));
-    _mm512_storeu_ps(s + i, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (i < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mv));
-    _mm512_mask_storeu_ps(s + i, k, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
-  for (; i < n; ++i) s[i] *= _mm512_cvtss_f32(inv);
-}
-
-// Prefetches one cache block's rows (block_size x D elements, contiguous) into L1 (T0) or L2 (T1).
-template <int Hint, typename T>
-inline void prefetch_rows(const T* p, int64_t elements) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < elements * static_cast<int64_t>(sizeof(T)); off += 64)
-    _mm_prefetch(c + off, static_cast<_mm_hint>(Hint));
-}
-
-// G query heads share one KV head; the head dim is NC * 16. One work item is one (sequence, KV
-// head): its G scaled queries stay in registers while the context's keys stream past (two tokens
-// at a time, so the FMA chains overlap), then the probabilities weight the values.
-template <typename T, int G, int NC>
-void decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
-                      const at::Tensor& table, const at::Tensor& lens, int64_t bs, float scale,
-                      at::Tensor& out) {
-  constexpr int64_t D = NC * 16;
-  const int64_t B = q.size(0), H = q.size(1), KVH = kc.size(0), S = kc.size(1), NB = table.size(1);
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
-  const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / KVH, h = w % KVH, L = lp[b];
-      const int64_t* blocks = tp + b * NB;
-      const T* kh = kp + h * S * D;
-      const T* vh = vp + h * S * D;
-      auto row = [&](const T* base, int64_t t) { return base + (blocks[t / bs] * bs + t % bs) * D; };
-      // The context is scattered over blocks, which the hardware prefetcher cannot follow: fetch
-      // the next item's first keys, each next block of keys, and the values for the second pass
-      // ahead of use (measured over 30 layers' caches, beyond L3: 25-40 % faster).
-      if (w + 1 < end) {
-        const int64_t b1 = (w + 1) / KVH, h1 = (w + 1) % KVH;
-        prefetch_rows<_MM_HINT_T1>(kp + h1 * S * D + tp[b1 * NB] * bs * D, bs * D);
-      }
-      scores.resize(G * L);
-      float* sc = scores.data();
-      __m512 qv[G][NC];
-      const __m512 sv = _mm512_set1_ps(scale);
-      for (int g = 0; g < G; ++g)
-        for (int c = 0; c < NC; ++c)
-          qv[g][c] = _mm512_mul_ps(load16(qp + b * qs0 + (h * G + g) * qs1 + 16 * c), sv);
-      int64_t t = 0;
-      for (; t + 1 < L; t += 2) {
-        if (t % bs == 0 || (t + 1) % bs == 0) {  // a new block starts within these two tokens
-          const int64_t nb = (t + 1) / bs;
-          if ((nb + 1) * bs < L) prefetch_rows<_MM_HINT_T0>(kh + blocks[nb + 1] * bs * D, bs * D);
-          prefetch_rows<_MM_HINT_T1>(vh + blocks[nb] * bs * D, bs * D);
-        }
-        const T* k0 = row(kh, t);
-        const T* k1 = row(kh, t + 1);
-        __m512 a0[G], a1[G];
-        for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
-        for (int c = 0; c < NC; ++c) {
-          const __m512 x0 = load16(k0 + 16 * c), x1 = load16(k1 + 16 * c);
-          for (int g = 0; g < G; ++g) {
-            a0[g] = _mm512_fmadd_ps(qv[g][c], x0, a0[g]);
-            a1[g] = _mm512_fmadd_ps(qv[g][c], x1, a1[g]);
-          }
-        }
-        for (int g = 0; g < G; ++g) {
-          sc[g * L + t] = _mm512_reduce_add_ps(a0[g]);
-          sc[g * L + t + 1] = _mm512_reduce_add_ps(a1[g]);
-        }
-      }
-      if (t < L) {
-        const T* k0 = row(kh, t);
-        __m512 a0[G];
-        for (int g = 0; g < G; ++g) a0[g] = _mm512_setzero_ps();
-        for (int c = 0; c < NC; ++c) {
-          const __m512 x0 = load16(k0 + 16 * c);
-          for (int g = 0; g < G; ++g) a0[g] = _mm512_fmadd_ps(qv[g][c], x0, a0[g]);
-        }
-        for (int g = 0; g < G; ++g) sc[g * L + t] = _mm512_reduce_add_ps(a0[g]);
-      }
-      for (int g = 0; g < G; ++g) softmax_inplace(sc + g * L, L);
-      __m512 acc[G][NC];
-      for (int g = 0; g < G; ++g)
-        for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
-      for (t = 0; t < L; ++t) {
-        if (t % bs == 0 && t + bs < L) prefetch_rows<_MM_HINT_T0>(vh + blocks[t / bs + 1] * bs * D, bs * D);
-        const T* v0 = row(vh, t);
-        for (int c = 0; c < NC; ++c) {
-          const __m512 x = load16(v0 + 16 * c);
-          for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * L + t]), x, acc[g][c]);
-        }
-      }
-      for (int g = 0; g < G; ++g)
-        for (int c = 0; c < NC; ++c) store16(op + (b * H + h * G + g) * D + 16 * c, acc[g][c]);
-    }
-  });
-}
-
-template <typename T, int NC>
-void decode_attention_g(int64_t G, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
-                        const at::Tensor& table, const at::Tensor& lens, int64_t bs, float scale,
-                        at::Tensor& out) {
-  switch (G) {
-    case 1: return decode_attention<T, 1, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 2: return decode_attention<T, 2, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 3: return decode_attention<T, 3, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 4: return decode_attention<T, 4, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 5: return decode_attention<T, 5, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 6: return decode_attention<T, 6, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 7: return decode_attention<T, 7, NC>(q, kc, vc, table, lens, bs, scale, out);
-    case 8: return decode_attention<T, 8, NC>(q, kc, vc, table, lens, bs, scale, out);
-  }
-  TORCH_CHECK(false, "paged_decode_attention: ", G, " query heads per KV head (1 to 8 supported)");
-}
-
-template <typename T>
-void decode_attention_dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
-                               const at::Tensor& table, const at::Tensor& lens, int64_t bs, float scale,
-                               at::Tensor& out) {
-  const int64_t G = q.size(1) / kc.size(0);
-  switch (q.size(2)) {
-    case 64: return decode_attention_g<T, 4>(G, q, kc, vc, table, lens, bs, scale, out);
-    case 128: return decode_attention_g<T, 8>(G, q, kc, vc, table, lens, bs, scale, out);
-  }
-  TORCH_CHECK(false, "paged_decode_attention: head dim ", q.size(2), " (64 or 128 supported)");
-}
-
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_table, const at::Tensor& context_lens,
-                                  int64_t block_size, double scale) {
-  // q: [B, H, D] (rows may be strided, the head dim contiguous); k_cache, v_cache: [KVH, slots, D]
-  // contiguous; block_table: [B, NB] int64; context_lens: [B] int64, each >= 1 -> [B, H, D].
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with a contiguous last dim");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and the KV cache must share a dtype");
-  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0, "query heads must be a multiple of KV heads");
-  const auto table = block_table.contiguous();
-  const auto lens = context_lens.contiguous();
-  TORCH_CHECK(table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
-  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  const float s = static_cast<float>(scale);
-  if (q.scalar_type() == at::kBFloat16) decode_attention_dispatch<bf16>(q, k_cache, v_cache, table, lens, block_size, s, out);
-  else if (q.scalar_type() == at::kFloat) decode_attention_dispatch<float>(q, k_cache, v_cache, table, lens, block_size, s, out);
-  else TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only");
-  return out;
-}
+using namespace sagellm;
 
 // ---- RMSNorm (LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)) ----
 
@@ -313,15 +109,6 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 }
 
 // ---- rotary embedding + KV cache write ----
-
-// x rounded to T's precision (round to nearest even), kept in float32.
-inline __m512 round_to(__m512 x, const float*) { return x; }
-inline __m512 round_to(__m512 x, const bf16*) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
 
 template <typename T>
 void rope_write_kv_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
@@ -446,7 +233,6 @@ TORCH_LIBRARY(sagellm, m) {
 }
 
 TORCH_LIBRARY_IMPL(sagellm, CPU, m) {
-  m.impl("paged_decode_attention", paged_decode_attention);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_mul", silu_mul);
