@@ -22,6 +22,7 @@ help:
 	@echo "make test-unit    only the tests that need no model"
 
 $(RUNTIME_STAMP): requirements.txt
+	command -v g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++)  # builds the CPU kernels
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
