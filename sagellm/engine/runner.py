@@ -119,7 +119,8 @@ class ModelRunner:
             keep=torch.tensor(keep), num_sampled=len(logit_rows),
             slot_mapping=torch.cat(slot_parts), num_decode=len(batch.decodes),
             decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
-            decode_lens=lengths if batch.decodes else None, fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None,
+            decode_lens=lengths if batch.decodes else None,
+            fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None,
             num_prompt_logprobs=len(extra_rows)), prompt_rows
 
     @torch.inference_mode()
