@@ -1,0 +1,1 @@
+"""The pieces of bench/grammar_compare.py (run that)."""
