@@ -3,7 +3,8 @@ C++ compiler against the installed torch, cached, and registered as `torch.ops.s
 
 They need x86-64 with AVX-512 (x86-64-v4: Intel Skylake-SP and later, AMD Zen 4 and later). Where
 that, a compiler or the build is missing, `load()` says why once and returns None, and callers
-keep the torch operators they replace (same results, slower). CPU_KERNELS=false turns them off.
+keep the torch operators they replace (slower; the same greedy tokens in float32, while in bf16
+an answer may part at a near tie, see docs/performance.md). CPU_KERNELS=false turns them off.
 Measured on this project's 2-core machines: docs/performance.md.
 """
 
@@ -68,7 +69,7 @@ def library_path(cache_dir: Path) -> Path:
 
 
 def build(target: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) found")
     from torch.utils import cpp_extension
