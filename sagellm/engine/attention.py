@@ -58,7 +58,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
                 k, v = key[0, :, sl], value[0, :, sl]  # [KVH, t, D]
             else:
                 k, v = k_cache[:, chunk.slots], v_cache[:, chunk.slots]  # [KVH, ctx + t, D]
-            outputs.append(_blocked_prefill_attention(q[0], k, v, chunk.ctx_len, scaling).transpose(0, 1))
+            outputs.append(_blocked_prefill_attention(q[0], k, v, chunk.ctx_len, scaling, meta.kernels).transpose(0, 1))
             continue
         if chunk.ctx_len == 0:
             o = F.scaled_dot_product_attention(q, key[:, :, sl], value[:, :, sl], is_causal=True,
@@ -78,7 +78,7 @@ BLOCKED_PREFILL_MIN_TOKENS = 64
 _QUERY_BLOCK = 64
 
 
-def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling) -> torch.Tensor:
+def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling, kernels=None) -> torch.Tensor:
     """Causal attention of a chunk's t queries (positions ctx_len ..) over ctx_len + t keys, as
     grouped matmuls over blocks of 64 queries: each block reads only the keys it can see and
     its fp32 scores stay cache-sized. q: [H, t, D]; k, v: [KVH, ctx_len + t, D] -> [H, t, D].
@@ -97,11 +97,15 @@ def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling) -> torch.Tensor:
         e = min(t, s + _QUERY_BLOCK)
         n, keys = e - s, ctx_len + e
         qs = qg[:, :, s:e].reshape(num_kv, group * n, head_dim)
-        scores = torch.bmm(qs, k[:, :keys].transpose(1, 2)).float().mul_(scale).view(num_kv, group, n, keys)
+        scores = torch.bmm(qs, k[:, :keys].transpose(1, 2))
         # Query s + i sees keys up to ctx_len + s + i: only the block's own keys need a mask.
-        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
-        scores[..., ctx_len + s:].masked_fill_(future, float("-inf"))
-        probs = scores.softmax(-1).to(v.dtype).view(num_kv, group * n, keys)
+        if kernels is not None and scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16):
+            probs = kernels.causal_softmax(scores, scale, n, ctx_len + s)  # one pass instead of five
+        else:
+            scores = scores.float().mul_(scale).view(num_kv, group, n, keys)
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+            scores[..., ctx_len + s:].masked_fill_(future, float("-inf"))
+            probs = scores.softmax(-1).to(v.dtype).view(num_kv, group * n, keys)
         outs.append(torch.bmm(probs, v[:, :keys]).view(num_kv, group, n, head_dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.view(num_heads, t, head_dim)

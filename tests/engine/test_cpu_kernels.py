@@ -112,6 +112,23 @@ def test_rope_write_kv_equals_rotate_and_index_copy(ops, dtype, tokens):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ctx,t", [(0, 64), (0, 200), (37, 64), (300, 129), (1000, 65)])
+def test_blocked_prefill_with_causal_softmax_equals_sdpa(ops, dtype, ctx, t):
+    from sagellm.engine.attention import _blocked_prefill_attention
+
+    g = torch.Generator().manual_seed(ctx + t)
+    q, k, v = (torch.randn(n, ctx + t if n == 3 else t, 64, generator=g).to(dtype) for n in (9, 3, 3))
+    mask = torch.arange(ctx + t)[None, :] <= (ctx + torch.arange(t))[:, None]
+    expected = F.scaled_dot_product_attention(q[None].float(), k[None].float(), v[None].float(), attn_mask=mask,
+                                              enable_gqa=True)[0]
+    got = _blocked_prefill_attention(q, k, v, ctx, None, ops)
+    plain = _blocked_prefill_attention(q, k, v, ctx, None)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.float(), expected, **tol)
+    torch.testing.assert_close(got, plain, **tol)  # and the torch operators it replaces
+
+
 def test_kernels_refuse_bad_input(ops):
     x = torch.randn(4, 576, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):

@@ -7,7 +7,9 @@
 //   silu_mul                SwiGLU's silu(gate) * up on the fused gate/up projection;
 //   argmax_rows             greedy picks straight off bf16 logits (torch first converts them);
 //   rope_write_kv           rotary embedding of the q and k heads, and the new k and v stored in
-//                           the paged cache, straight from the fused q/k/v projection.
+//                           the paged cache, straight from the fused q/k/v projection;
+//   causal_softmax          a prefill block's scores scaled, causally masked and softmaxed in one
+//                           pass, in the scores' dtype (torch: five passes, three in float32).
 // Arithmetic follows the torch operators it replaces: float32 inside, results rounded to the
 // tensor's dtype where torch rounds them.
 
@@ -173,6 +175,67 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at:
   return qk;
 }
 
+// ---- prefill: scale, causal mask and softmax of one block of queries' scores ----
+
+// scores: [rows, keys], rows ordered (kv head, query head in group, query i); query i of the
+// block sees keys 0 .. first_masked + i. Softmax in float32, the probabilities rounded to the
+// scores' dtype, the keys it cannot see 0.
+template <typename T>
+void causal_softmax_impl(const T* sc, T* out, int64_t rows, int64_t keys, int64_t n, int64_t first_masked,
+                         float scale) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(keys);
+    float* f = buf.data();
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = sc + r * keys;
+      T* o = out + r * keys;
+      const int64_t vis = std::min<int64_t>(keys, first_masked + r % n + 1);
+      __m512 mv = _mm512_set1_ps(-INFINITY);
+      int64_t i = 0;
+      for (; i + 16 <= vis; i += 16) {
+        const __m512 v = _mm512_mul_ps(load16(x + i), sv);
+        _mm512_storeu_ps(f + i, v);
+        mv = _mm512_max_ps(mv, v);
+      }
+      float m = _mm512_reduce_max_ps(mv);
+      for (; i < vis; ++i) {
+        f[i] = static_cast<float>(x[i]) * scale;
+        m = std::max(m, f[i]);
+      }
+      const __m512 mb = _mm512_set1_ps(m);
+      __m512 sum = _mm512_setzero_ps();
+      for (i = 0; i + 16 <= vis; i += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(f + i), mb));
+        _mm512_storeu_ps(f + i, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      float total = _mm512_reduce_add_ps(sum);
+      if (i < vis) {
+        const __mmask16 k = static_cast<__mmask16>((1u << (vis - i)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, f + i), mb));
+        _mm512_mask_storeu_ps(f + i, k, e);
+        total += _mm512_mask_reduce_add_ps(k, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / total);
+      for (i = 0; i + 16 <= vis; i += 16) store16(o + i, _mm512_mul_ps(_mm512_loadu_ps(f + i), inv));
+      for (; i < vis; ++i) o[i] = static_cast<T>(f[i] * (1.f / total));
+      for (; i < keys; ++i) o[i] = static_cast<T>(0.f);
+    }
+  });
+}
+
+at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t n, int64_t first_masked) {
+  TORCH_CHECK(scores.is_contiguous() && scores.size(-2) % n == 0, "causal_softmax: contiguous [..., rows, keys]");
+  auto out = at::empty_like(scores);
+  const int64_t keys = scores.size(-1), rows = scores.numel() / keys;
+  const float s = static_cast<float>(scale);
+  if (scores.scalar_type() == at::kBFloat16) causal_softmax_impl<bf16>(scores.data_ptr<bf16>(), out.data_ptr<bf16>(), rows, keys, n, first_masked, s);
+  else if (scores.scalar_type() == at::kFloat) causal_softmax_impl<float>(scores.data_ptr<float>(), out.data_ptr<float>(), rows, keys, n, first_masked, s);
+  else TORCH_CHECK(false, "causal_softmax: float32 or bfloat16 only");
+  return out;
+}
+
 // ---- greedy: the first index of each row's maximum, as torch.argmax ----
 
 template <typename T>
@@ -228,6 +291,7 @@ TORCH_LIBRARY(sagellm, m) {
   m.def("add_rms_norm(Tensor(a!) h, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("causal_softmax(Tensor scores, float scale, int n, int first_masked) -> Tensor");
   m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int heads, int kv_heads) -> Tensor");
 }
@@ -237,5 +301,6 @@ TORCH_LIBRARY_IMPL(sagellm, CPU, m) {
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_mul", silu_mul);
   m.impl("argmax_rows", argmax_rows);
+  m.impl("causal_softmax", causal_softmax);
   m.impl("rope_write_kv", rope_write_kv);
 }
