@@ -209,8 +209,8 @@ VARS: list[Var] = [
     Var("prefix_caching", ("PREFIX_CACHING",), "bool", ev.boolean,
         "Reuse the KV cache of prompts that start like an earlier one (whole 16-token blocks)"),
     Var("cpu_kernels", ("CPU_KERNELS",), "bool", ev.boolean,
-        "On CPU, sagellm's fused AVX-512 kernels (built once with g++) for decode attention, RMSNorm "
-        "and SwiGLU; false: torch operators only"),
+        "On CPU, sagellm's fused AVX-512 kernels (built once with g++) for attention, RMSNorm, SwiGLU, "
+        "rotary embedding and greedy picks; false: torch operators only"),
     Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", ev.positive_int,
         "Requests in flight before new ones get 429"),
     Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", ev.non_negative_int,
