@@ -99,7 +99,7 @@ def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling, kernels=None) -> 
         qs = qg[:, :, s:e].reshape(num_kv, group * n, head_dim)
         scores = torch.bmm(qs, k[:, :keys].transpose(1, 2))
         # Query s + i sees keys up to ctx_len + s + i: only the block's own keys need a mask.
-        if kernels is not None and scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.bfloat16):
+        if kernels is not None:
             probs = kernels.causal_softmax(scores, scale, n, ctx_len + s)  # one pass instead of five
         else:
             scores = scores.float().mul_(scale).view(num_kv, group, n, keys)
@@ -112,9 +112,10 @@ def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling, kernels=None) -> 
 
 
 def kernel_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the fused decode kernel (sagellm.model.cpu_kernels) takes this shape and dtype."""
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k_cache.dtype == q.dtype
-            and q.shape[-1] in (64, 128) and q.shape[0] % k_cache.shape[0] == 0 and q.shape[0] // k_cache.shape[0] <= 8)
+    """Whether the fused decode kernel takes this shape (the kernels are only loaded for CPU
+    models in float32 or bfloat16, sagellm.model.loader)."""
+    group, rem = divmod(q.shape[0], k_cache.shape[0])
+    return k_cache.dtype == q.dtype and q.shape[-1] in (64, 128) and rem == 0 and group <= 8
 
 
 def _decode_attention(q, k_cache, v_cache, meta: StepMetadata, scaling) -> torch.Tensor:

@@ -96,7 +96,6 @@ class LLMEngine:
         nb, bs, layers, kvh, hd, dt = cache_shape
         self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device, prefix_caching=config.prefix_caching)
         self.runner = ModelRunner(model, self.cache, device, tp_group)
-        self.kernels = getattr(model, "sagellm_kernels", None)  # sagellm.model.cpu_kernels
         self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
@@ -198,7 +197,7 @@ class LLMEngine:
                 n = len(sampling)
                 if prompt_rows:
                     self._keep_prompt_logprobs(logits[n:].float(), prompt_rows)
-                samples = (plain_greedy(logits[:n], sampling, self.eos_token_ids, self.kernels)
+                samples = (plain_greedy(logits[:n], sampling, self.eos_token_ids, self.runner.kernels)
                            or sample(logits[:n].float(), sampling, self.eos_token_ids))
         except Exception as exc:  # one bad step fails its requests, not the server
             log.exception("engine step failed")

@@ -110,7 +110,6 @@ class PagedKVCache:
                  prefix_caching: bool = False):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.num_kv_heads = num_kv_heads
         # One tensor for every layer's keys and values, so a step's new blocks are zeroed in one
         # operation rather than two per layer. torch.empty: pages are only touched (and resident)
         # once a sequence writes to them.

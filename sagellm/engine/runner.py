@@ -54,6 +54,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = cache.block_size
         self.tp_group = tp_group  # sagellm.engine.distributed.TPGroup on rank 0, else None
+        self.kernels = getattr(model, "sagellm_kernels", None)  # sagellm.model.cpu_kernels, or None
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions [start, end) of `seq`."""
@@ -134,8 +135,7 @@ class ModelRunner:
         prefills = [PrefillChunk(c.q_start, c.q_len, c.ctx_len, to(c.slots), to(c.mask)) for c in step.prefills]
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
-                            prefills=prefills, decode_lens=to(step.decode_lens),
-                            kernels=getattr(self.model, "sagellm_kernels", None))
+                            prefills=prefills, decode_lens=to(step.decode_lens), kernels=self.kernels)
         fast = getattr(self.model, "sagellm_fast", None)
         if fast is not None:  # sagellm.model.fast_decoder: same arithmetic, less Python
             logits = fast(to(step.input_ids), to(step.position_ids), to(step.keep), paged_attention, meta)

@@ -32,6 +32,7 @@ HEADERS = (CSRC / "simd.h",)
 # compiled on (an image is built on one machine and run on another). No contraction of a multiply
 # and an add into one FMA: the kernels round where torch's separate operators round.
 FLAGS = ("-O3", "-march=x86-64-v4", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w")
+DTYPES = (torch.float32, torch.bfloat16)  # what every kernel takes (the loader offers them no other)
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 
 _lock = threading.Lock()

@@ -95,9 +95,9 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
     except Exception as exc:
         raise _load_error(path, exc) from exc
     kernels = None
-    if device == "cpu" and settings.cpu_kernels:
+    if device == "cpu" and settings.cpu_kernels and model.dtype in cpu_kernels.DTYPES:
         kernels = cpu_kernels.load(bundled.default_cache_dir(settings.cache_dir))
-    model.sagellm_kernels = kernels  # the runner hands them to the paged attention
+    model.sagellm_kernels = kernels  # the runner hands them to the attention and the sampler
     if not tp:
         model.to(device)
         if fast_decoder.eligible(model):

@@ -46,9 +46,8 @@ void rms_norm_rows(T* h, const T* delta, const T* w, T* y, int64_t rows, int64_t
       }
       const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / n + eps));
       T* yr = y + r * n;
-      for (int64_t i = 0; i < n; i += 16) {
-        store16(yr + i, _mm512_mul_ps(load16(hr + i), inv));  // rounded, as .to(input dtype)
-        store16(yr + i, _mm512_mul_ps(load16(yr + i), load16(w + i)));
+      for (int64_t i = 0; i < n; i += 16) {  // normalised and rounded (.to(input dtype)), then scaled
+        store16(yr + i, _mm512_mul_ps(round_to(_mm512_mul_ps(load16(hr + i), inv), yr), load16(w + i)));
       }
     }
   });
@@ -93,8 +92,8 @@ void silu_mul_rows(const T* gu, T* y, int64_t rows, int64_t inter) {
       for (int64_t i = 0; i < inter; i += 16) {
         const __m512 x = load16(g + i);
         const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-        store16(yr + i, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)));  // silu, rounded
-        store16(yr + i, _mm512_mul_ps(load16(yr + i), load16(u + i)));
+        const __m512 silu = round_to(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)), yr);
+        store16(yr + i, _mm512_mul_ps(silu, load16(u + i)));
       }
     }
   });
@@ -191,35 +190,12 @@ void causal_softmax_impl(const T* sc, T* out, int64_t rows, int64_t keys, int64_
       const T* x = sc + r * keys;
       T* o = out + r * keys;
       const int64_t vis = std::min<int64_t>(keys, first_masked + r % n + 1);
-      __m512 mv = _mm512_set1_ps(-INFINITY);
       int64_t i = 0;
-      for (; i + 16 <= vis; i += 16) {
-        const __m512 v = _mm512_mul_ps(load16(x + i), sv);
-        _mm512_storeu_ps(f + i, v);
-        mv = _mm512_max_ps(mv, v);
-      }
-      float m = _mm512_reduce_max_ps(mv);
-      for (; i < vis; ++i) {
-        f[i] = static_cast<float>(x[i]) * scale;
-        m = std::max(m, f[i]);
-      }
-      const __m512 mb = _mm512_set1_ps(m);
-      __m512 sum = _mm512_setzero_ps();
-      for (i = 0; i + 16 <= vis; i += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(f + i), mb));
-        _mm512_storeu_ps(f + i, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      float total = _mm512_reduce_add_ps(sum);
-      if (i < vis) {
-        const __mmask16 k = static_cast<__mmask16>((1u << (vis - i)) - 1);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, f + i), mb));
-        _mm512_mask_storeu_ps(f + i, k, e);
-        total += _mm512_mask_reduce_add_ps(k, e);
-      }
-      const __m512 inv = _mm512_set1_ps(1.f / total);
-      for (i = 0; i + 16 <= vis; i += 16) store16(o + i, _mm512_mul_ps(_mm512_loadu_ps(f + i), inv));
-      for (; i < vis; ++i) o[i] = static_cast<T>(f[i] * (1.f / total));
+      for (; i + 16 <= vis; i += 16) _mm512_storeu_ps(f + i, _mm512_mul_ps(load16(x + i), sv));
+      for (; i < vis; ++i) f[i] = static_cast<float>(x[i]) * scale;
+      softmax_inplace(f, vis);
+      for (i = 0; i + 16 <= vis; i += 16) store16(o + i, _mm512_loadu_ps(f + i));
+      for (; i < vis; ++i) o[i] = static_cast<T>(f[i]);
       for (; i < keys; ++i) o[i] = static_cast<T>(0.f);
     }
   });

@@ -16,29 +16,6 @@ namespace {
 
 using namespace sagellm;
 
-// In place: s[0 .. n) <- softmax(s).
-inline void softmax_inplace(float* s, int64_t n) {
-  float m = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv));
-    _mm512_storeu_ps(s + i, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (i < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mv));
-    _mm512_mask_storeu_ps(s + i, k, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
-  for (; i < n; ++i) s[i] *= _mm512_cvtss_f32(inv);
-}
-
 // Prefetches one cache block's rows (block_size x D elements, contiguous) into L1 (T0) or L2 (T1).
 template <int Hint, typename T>
 inline void prefetch_rows(const T* p, int64_t elements) {

@@ -1,9 +1,13 @@
 // Shared by sagellm's CPU kernels: 16-lane float32 loads and stores of float32 or bfloat16
-// data, rounding to a dtype, and a vectorised exp. AVX-512 (x86-64-v4).
+// data, rounding to a dtype, a vectorised exp and a softmax. AVX-512 (x86-64-v4).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 
 namespace sagellm {
 
@@ -15,14 +19,20 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// float32 -> bfloat16 rounding to nearest even, NaN kept a (quiet) NaN, as c10::BFloat16 does.
-inline void store16(bf16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
+// x rounded to T's precision (to nearest even; NaN stays a quiet NaN, as c10::BFloat16 does),
+// kept in float32.
+inline __m512 round_to(__m512 x, const float*) { return x; }
+inline __m512 round_to(__m512 x, const bf16*) {
+  const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+  return _mm512_castsi512_ps(r);
+}
+inline void store16(bf16* p, __m512 v) {
+  const __m512i top = _mm512_srli_epi32(_mm512_castps_si512(round_to(v, p)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(top));
 }
 
 // e^x: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7).
@@ -42,13 +52,30 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// x rounded to T's precision (round to nearest even), kept in float32.
-inline __m512 round_to(__m512 x, const float*) { return x; }
-inline __m512 round_to(__m512 x, const bf16*) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+// In place: s[0 .. n) <- softmax(s), n >= 1.
+inline void softmax_inplace(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + i));
+  float m = _mm512_reduce_max_ps(mx);  // a maximum is exact in any order
+  for (; i < n; ++i) m = std::max(m, s[i]);
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv));
+    _mm512_storeu_ps(s + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mv));
+    _mm512_mask_storeu_ps(s + i, k, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
+  for (; i < n; ++i) s[i] *= _mm512_cvtss_f32(inv);
 }
 
 }  // namespace sagellm
