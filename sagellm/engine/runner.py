@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.engine.attention import PrefillChunk, StepMetadata, paged_attention
+from sagellm.model.attention import PrefillChunk, StepMetadata, paged_attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.scheduler import ScheduledBatch
 from sagellm.engine.sequence import Sequence

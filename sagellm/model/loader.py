@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from sagellm.engine import attention
+from sagellm.model import attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.errors import ModelLoadError, SettingsError
 from sagellm.model import bundled, cpu_kernels, cpu_linear, fast_decoder

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagellm.engine.attention import StepMetadata, _decode_attention
+from sagellm.model.attention import StepMetadata, _decode_attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.model import cpu_kernels
 
@@ -115,7 +115,7 @@ def test_rope_write_kv_equals_rotate_and_index_copy(ops, dtype, tokens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ctx,t", [(0, 64), (0, 200), (37, 64), (300, 129), (1000, 65)])
 def test_blocked_prefill_with_causal_softmax_equals_sdpa(ops, dtype, ctx, t):
-    from sagellm.engine.attention import _blocked_prefill_attention
+    from sagellm.model.attention import _blocked_prefill_attention
 
     g = torch.Generator().manual_seed(ctx + t)
     q, k, v = (torch.randn(n, ctx + t if n == 3 else t, 64, generator=g).to(dtype) for n in (9, 3, 3))

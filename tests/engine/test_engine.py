@@ -225,7 +225,7 @@ def plain_transformers_model(loaded_model):
     the tensor-parallel ranks run (logits_to_keep), not the lean one."""
     from transformers import AutoModelForCausalLM
 
-    from sagellm.engine import attention
+    from sagellm.model import attention
 
     attention.register()
     model = AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
