@@ -36,7 +36,7 @@ def _flatten(msg, ctx: ServingContext) -> dict:
         content = "".join(texts)
     out = {"role": msg.role, "content": content if content is not None else ""}
     if msg.tool_calls:
-        if ctx.template_shows_tools:
+        if ctx.engine.template_shows_tools:
             out["tool_calls"] = msg.tool_calls
         elif not out["content"]:  # the template cannot show them: write them as this server asks for calls
             out["content"] = json.dumps([_call_as_written(c) for c in msg.tool_calls], ensure_ascii=False)
@@ -92,20 +92,20 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
     cont = req.continue_final_message if req.continue_final_message is not None else messages[-1]["role"] == "assistant"
 
     def render(msgs, with_tools: bool) -> tuple[str, list[int]]:
-        prompt = ctx.render_chat(msgs, tools=tools.template_tools() if with_tools and ctx.template_shows_tools
+        prompt = ctx.engine.render_chat(msgs, tools=tools.template_tools() if with_tools and ctx.engine.template_shows_tools
                                  else None, add_generation_prompt=not cont, continue_final_message=cont,
                                  kwargs=req.chat_template_kwargs)
-        return prompt, ctx.encode_chat(prompt)
+        return prompt, ctx.engine.encode_chat(prompt)
 
     plain = None
     if tools is not None:
         if cont:
             raise ToolError("Tool error: tools cannot continue a final assistant message", param="messages")
-        if ctx.compile_grammar is None:
+        if not ctx.engine.supports_grammar:
             raise ToolError("Tool error: tools need constrained decoding (DISABLE_GRAMMAR_SUPPORT is set)",
                             param="tools")
-        grammar = ctx.compile_grammar("json_schema", tools.schema(), "tools")
-        instruction = req.tool_prompt or tools.prompt(with_list=not ctx.template_shows_tools)
+        grammar = ctx.engine.compile_grammar("json_schema", tools.schema(), "tools")
+        instruction = req.tool_prompt or tools.prompt(with_list=not ctx.engine.template_shows_tools)
         last = dict(messages[-1])
         last["content"] = f"{last['content']}\n---\n{instruction}"
         prompt, ids = render(messages[:-1] + [last], True)
@@ -203,7 +203,7 @@ def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     job = prepare_chat(ctx, body)
     handles = _submit_choices(ctx, job)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": cid, "created": created, "model": ctx.served_name, "system_fingerprint": FINGERPRINT}
+    base = {"id": cid, "created": created, "model": ctx.engine.model.served_name, "system_fingerprint": FINGERPRINT}
     choices = [_choice_events(ctx, job, i, h) for i, h in enumerate(handles)]
     if job.req.stream:
         return StreamResponse(_chat_stream(job.req, choices, handles, base, len(job.ids)), dict(SSE_HEADERS))

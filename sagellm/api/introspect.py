@@ -31,7 +31,7 @@ def introspect(ctx: ServingContext, body: dict) -> JsonResponse:
         job = chat.prepare_chat(ctx, {k: v for k, v in body.items() if k != "action"})
         return JsonResponse({
             "prompt": job.prompt, "prompt_tokens": len(job.ids), "token_ids": job.ids,
-            "max_new_tokens": job.params.max_new_tokens, "max_input_tokens": ctx.max_input_tokens,
-            "max_total_tokens": ctx.max_total_tokens})
+            "max_new_tokens": job.params.max_new_tokens, "max_input_tokens": ctx.engine.limits.max_input_tokens,
+            "max_total_tokens": ctx.engine.limits.max_total_tokens})
     raise ValidationError(f"Input validation error: `action` must be one of {list(ACTIONS)}. Given: {action!r}",
                           param="action")

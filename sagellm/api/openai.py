@@ -148,7 +148,7 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     for i, text in enumerate(prompts):
         if not text:
             raise invalid(f"`prompt` {i} cannot be empty", "prompt")
-        ids = ctx.tokenize(text, True)
+        ids = ctx.engine.tokenize(text)
         n_prompt += len(ids)
         params = openai_params(ctx, req, len(ids), "prompt", top_n, logprobs=req.logprobs is not None)
         jobs.extend((text, ids, choice_params(params, j)) for j in range(n))
@@ -161,7 +161,7 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
             h.abort()
         raise
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": cid, "object": "text_completion", "created": created, "model": ctx.served_name,
+    base = {"id": cid, "object": "text_completion", "created": created, "model": ctx.engine.model.served_name,
             "system_fingerprint": FINGERPRINT}
     if req.stream:
         return StreamResponse(_completion_stream(req, handles, base, n_prompt), dict(SSE_HEADERS))
@@ -238,5 +238,5 @@ def _completion_stream(req, handles, base, n_prompt):
 
 def models(ctx: ServingContext) -> JsonResponse:
     return JsonResponse({"object": "list", "data": [
-        {"id": ctx.served_name, "object": "model", "created": 0, "owned_by": "sagellm",
-         "max_model_len": ctx.max_total_tokens}]})
+        {"id": ctx.engine.model.served_name, "object": "model", "created": 0, "owned_by": "sagellm",
+         "max_model_len": ctx.engine.limits.max_total_tokens}]})

@@ -42,7 +42,7 @@ def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, r
 def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None, *,
                     inputs_name: str, max_new_name: str) -> int:
     """Checks the prompt against the limits; the default is the rest of the context."""
-    lim_in, lim_total = ctx.max_input_tokens, ctx.max_total_tokens
+    lim_in, lim_total = ctx.engine.limits.max_input_tokens, ctx.engine.limits.max_total_tokens
     if prompt_len > lim_in:
         raise invalid(f"`{inputs_name}` must have less than {lim_in + 1} tokens. Given: {prompt_len}"
                       f" (MAX_INPUT_TOKENS={lim_in})", inputs_name)

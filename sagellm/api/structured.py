@@ -25,7 +25,7 @@ def grammar_for(ctx: ServingContext, fmt, param: str):
     kind = fmt["type"]
     if kind == "text":
         return None
-    if ctx.compile_grammar is None:
+    if not ctx.engine.supports_grammar:
         raise _invalid(f"`{param}`: grammar is not supported (DISABLE_GRAMMAR_SUPPORT is set)", param)
     value = fmt.get("value")
     if kind == "json_schema":
@@ -35,15 +35,15 @@ def grammar_for(ctx: ServingContext, fmt, param: str):
         if spec is None:
             raise _invalid(f'`{param}` of type json_schema needs "json_schema": {{"name": ..., "schema": {{...}}}}',
                            param)
-        return ctx.compile_grammar("json_schema", spec, param)
+        return ctx.engine.compile_grammar("json_schema", spec, param)
     if kind in ("json", "json_object"):
         if value is None:
             if kind == "json":
                 raise _invalid(f'`{param}` of type json needs "value": a JSON schema', param)
-            return ctx.compile_grammar("json_object", None, param)
-        return ctx.compile_grammar("json_schema", value, param)
+            return ctx.engine.compile_grammar("json_object", None, param)
+        return ctx.engine.compile_grammar("json_schema", value, param)
     if kind in ("regex", "lark"):
         if not isinstance(value, str) or not value:
             raise _invalid(f'`{param}` of type {kind} needs "value": a non-empty string', param)
-        return ctx.compile_grammar(kind, value, param)
+        return ctx.engine.compile_grammar(kind, value, param)
     raise _invalid(f"`{param}` type must be one of {_KINDS}. Given: {kind!r}", param)

@@ -62,10 +62,10 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                       "decoder_input_details")
     if not req.inputs:
         raise invalid("`inputs` cannot be empty", "inputs")
-    ids = ctx.tokenize(req.inputs, True)
+    ids = ctx.engine.tokenize(req.inputs)
     if p.truncate is not None:
-        if not 0 < p.truncate <= ctx.max_input_tokens:
-            raise invalid(f"`truncate` must be strictly positive and less than {ctx.max_input_tokens}. "
+        if not 0 < p.truncate <= ctx.engine.limits.max_input_tokens:
+            raise invalid(f"`truncate` must be strictly positive and less than {ctx.engine.limits.max_input_tokens}. "
                           f"Given: {p.truncate}", "truncate")
         ids = ids[-p.truncate:]
     max_new = resolve_max_new(ctx, len(ids), p.max_new_tokens, inputs_name="inputs",
@@ -150,7 +150,7 @@ def generate(ctx: ServingContext, body, *, full_text_default: bool) -> JsonRespo
     full = p.return_full_text if p.return_full_text is not None else full_text_default
 
     def text_of(g: Generation) -> str:
-        text = ctx.decode([e.token_id for e in g.events])
+        text = ctx.engine.decode([e.token_id for e in g.events])
         return (req.inputs + text) if full else text
 
     out = {"generated_text": text_of(best)}
@@ -166,7 +166,7 @@ def timing_headers(ctx, t0: float, t_valid: float, n_in: int, n_out: int, text: 
     now = time.monotonic()
     total_ms, infer_ms = int((now - t0) * 1000), int((now - t_valid) * 1000)
     return {
-        "x-compute-type": ctx.settings.compute_type or ("gpu+optimized" if ctx.device == "cuda" else "cpu"),
+        "x-compute-type": ctx.settings.compute_type or ("gpu+optimized" if ctx.engine.model.device == "cuda" else "cpu"),
         "x-compute-time": f"{now - t0:.3f}", "x-compute-characters": str(len(text)),
         "x-total-time": str(total_ms), "x-validation-time": str(int((t_valid - t0) * 1000)),
         "x-queue-time": "0", "x-inference-time": str(infer_ms),
@@ -194,14 +194,14 @@ def generate_stream(ctx: ServingContext, body, *, full_text_default: bool) -> St
         out["generated_text"] = None
         out["details"] = None
         if ev.finish_reason is not None:
-            text = ctx.decode(generated)
+            text = ctx.engine.decode(generated)
             out["generated_text"] = (req.inputs + text) if full else text
             if p.details:
                 out["details"] = {"finish_reason": ev.finish_reason.value, "generated_tokens": len(generated),
                                   "seed": handle.seed, "input_length": len(ids)}
         return [sse(out)]
 
-    headers = {**SSE_HEADERS, "x-compute-type": ctx.settings.compute_type or ctx.device,
+    headers = {**SSE_HEADERS, "x-compute-type": ctx.settings.compute_type or ctx.engine.model.device,
                "x-compute-characters": str(len(req.inputs))}
     return StreamResponse(event_stream(handle, render), headers)
 
@@ -212,7 +212,7 @@ def tokenize(ctx: ServingContext, body) -> JsonResponse:
         raise invalid("`inputs` cannot be empty", "inputs")
     raw = req.inputs
     out = []
-    for tid, start, end in ctx.tokenize_offsets(raw):
+    for tid, start, end in ctx.engine.tokenize_with_offsets(raw):
         b_start, b_end = len(raw[:start].encode()), len(raw[:end].encode())
         out.append({"id": tid, "text": raw[start:end], "start": b_start, "stop": b_end})
     if req.parameters and req.parameters.truncate:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import random
 import threading
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm.engine.client import EngineDead, QueueStream
 from sagellm.engine.detokenizer import IncrementalDetokenizer
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.runner import ModelRunner, PromptLogprobRows
@@ -35,47 +35,6 @@ class EngineConfig:
     num_kv_blocks: int
     block_size: int = 16
     prefix_caching: bool = True  # reuse cached blocks of earlier prompts (PREFIX_CACHING)
-
-
-class EngineDead(RuntimeError):
-    pass
-
-
-class RequestHandle:
-    """What a caller holds for one submitted request: iterate it for TokenEvents."""
-
-    def __init__(self, engine: "LLMEngine", seq: Sequence):
-        self._engine = engine
-        self._seq = seq
-        self.request_id = seq.request_id
-        self.prompt_len = len(seq.prompt_ids)
-        self.seed = seq.params.seed if seq.params.do_sample else None
-
-    def __iter__(self):
-        return (e for e in self.iter_events() if e is not None)
-
-    def iter_events(self, idle_s: float | None = None):
-        """TokenEvents until the request ends; with `idle_s`, None whenever nothing came for
-        that long (a stream uses it to send keep-alives)."""
-        waited = 0.0
-        while True:
-            try:
-                event = self._seq.events.get(timeout=0.5)
-            except queue.Empty:
-                if not self._engine.is_alive():
-                    raise EngineDead("the engine stopped while this request was running")
-                waited += 0.5
-                if idle_s is not None and waited >= idle_s:
-                    waited = 0.0
-                    yield None
-                continue
-            waited = 0.0
-            if event is None:
-                return
-            yield event
-
-    def abort(self) -> None:
-        self._engine.abort(self.request_id)
 
 
 class LLMEngine:
@@ -131,17 +90,18 @@ class LLMEngine:
         return len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None) -> QueueStream:
         if not self.is_alive():
             raise EngineDead("the engine is not running")
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params,
                        IncrementalDetokenizer(self.tokenizer, prompt_ids), self.special_ids)
-        handle = RequestHandle(self, seq)
+        stream = QueueStream(seq.request_id, len(prompt_ids), params.seed if params.do_sample else None,
+                             seq.events, self.is_alive, lambda: self.abort(seq.request_id))
         self._inbox.append(seq)
         self._wake.set()
-        return handle
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)

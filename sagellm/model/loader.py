@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from sagellm.model import attention
+from sagellm.engine.client import Limits
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.errors import ModelLoadError, SettingsError
 from sagellm.model import bundled, cpu_kernels, cpu_linear, fast_decoder
@@ -22,15 +23,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # On CPU the cache is allocated lazily, but keep the default within reason for a shared machine.
 _CPU_MAX_KV_TOKENS = 131072
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_input_tokens: int
-    max_total_tokens: int
-    max_batch_prefill_tokens: int
-    max_batch_total_tokens: int  # KV cache capacity, in tokens
-    max_batch_size: int
 
 
 @dataclass

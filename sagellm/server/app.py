@@ -16,7 +16,7 @@ from sagellm.api import invocations as inv
 from sagellm.api import chat, openai, tgi
 from sagellm.errors import (GenerationError, NotFound, Overloaded, SagellmError, Unauthorized,
                             Unavailable)
-from sagellm.server.http import Admission, WatchedHandle, error_response, json_body, raw_body, to_flask
+from sagellm.server.http import Admission, WatchedStream, error_response, json_body, raw_body, to_flask
 from sagellm.server.metrics import Metrics, log_request
 from sagellm.server.runtime import Runtime
 from sagellm.settings import Settings
@@ -72,9 +72,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             acquired = True
             metrics.requests.inc()
             metrics.in_flight.inc()
-            ctx = runtime.ctx
             sock = request.environ.get("gunicorn.socket")
-            watched = dataclasses.replace(ctx, submit=lambda ids, p: WatchedHandle(ctx.submit(ids, p), sock))
+            watched = dataclasses.replace(runtime.ctx, watch=lambda stream: WatchedStream(stream, sock))
             result = handler(watched, body)
         except SagellmError as exc:
             if acquired:
@@ -169,7 +168,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @app.route("/metrics")
     def _metrics():
-        return Response(metrics.render(runtime.engine), mimetype="text/plain; version=0.0.4")
+        stats = runtime.engine.stats() if runtime.engine is not None else None
+        return Response(metrics.render(stats), mimetype="text/plain; version=0.0.4")
 
     @app.errorhandler(404)
     def _not_found(_):

@@ -11,6 +11,7 @@ import threading
 from flask import Response, request
 
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
+from sagellm.engine.client import RequestStream
 from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, UnsupportedMediaType
 
 _JSON_LIKE = ("application/json", "text/plain", "application/octet-stream", "")
@@ -69,14 +70,14 @@ def client_gone(sock: socket.socket | None) -> bool:
         return True
 
 
-class WatchedHandle:
-    """An engine handle that aborts its request when the HTTP client disconnects, even while
+class WatchedStream(RequestStream):
+    """A request's stream that aborts the request when the HTTP client disconnects, even while
     nothing is being written (queued, or a non-streaming request)."""
 
-    def __init__(self, handle, sock):
-        self._handle = handle
+    def __init__(self, stream: RequestStream, sock):
+        self._handle = stream
         self._sock = sock
-        self.request_id, self.prompt_len, self.seed = handle.request_id, handle.prompt_len, handle.seed
+        self.request_id, self.prompt_len, self.seed = stream.request_id, stream.prompt_len, stream.seed
 
     def iter_events(self, idle_s: float | None = None):
         idle = 0.0
