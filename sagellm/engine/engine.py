@@ -23,6 +23,7 @@ from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.events import FinishReason, PromptToken, TokenEvent, TopToken
 from sagellm.engine.sequence import Sequence
+from sagellm.model.forward import ModelForward
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
+    def __init__(self, model: ModelForward, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
                  device: str = "cpu", dtype: torch.dtype | None = None, tp_group=None):
         self.tokenizer = tokenizer
         self.config = config

@@ -145,10 +145,10 @@ def test_engine_output_same_with_kernels_off(chat_ids, loaded_model):
     from sagellm.model.loader import load_weights
     from sagellm.settings import Settings
 
-    assert loaded_model.model.sagellm_kernels is not None  # on by default
+    assert loaded_model.model.kernels is not None  # on by default
     assert loaded_model.model.dtype == torch.float32
     plain = load_weights(loaded_model.source.path, Settings(dtype="float32", cpu_kernels=False), "cpu")
-    assert plain.sagellm_kernels is None and plain.sagellm_fast.kernels is None
+    assert plain.kernels is None and plain.fast.kernels is None
     prompts = [chat_ids(q) for q in ("Why is the sky blue?", "Name three prime numbers.", "Write a haiku.")]
     outputs = []
     for model in (loaded_model.model, plain):

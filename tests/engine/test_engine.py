@@ -226,11 +226,12 @@ def plain_transformers_model(loaded_model):
     from transformers import AutoModelForCausalLM
 
     from sagellm.model import attention
+    from sagellm.model.forward import ModelForward
 
     attention.register()
-    model = AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
-                                                 attn_implementation=attention.ATTN_IMPLEMENTATION).eval()
-    assert getattr(model, "sagellm_fast", None) is None
+    model = ModelForward(AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
+                                                              attn_implementation=attention.ATTN_IMPLEMENTATION).eval())
+    assert model.fast is None
     return model
 
 
