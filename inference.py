@@ -43,7 +43,7 @@ def input_fn(input_data: bytes, content_type: str):
 
 def predict_fn(data, model):
     result = _invocations.invocations(model, data)
-    return result.body if isinstance(result, JsonResponse) else result
+    return result.content() if isinstance(result, JsonResponse) else result
 
 
 def output_fn(prediction, accept: str):

@@ -13,9 +13,10 @@ from flask import Flask, Response, g, request
 
 from sagellm.api import info as info_api
 from sagellm.api import invocations as inv
-from sagellm.api import chat, openai, tgi
+from sagellm.api import chat, completions, tgi
 from sagellm.errors import (GenerationError, NotFound, Overloaded, SagellmError, Unauthorized,
                             Unavailable)
+from sagellm.api.responses import JsonResponse
 from sagellm.server.http import Admission, WatchedStream, error_response, json_body, raw_body, to_flask
 from sagellm.server.metrics import Metrics, log_request
 from sagellm.server.runtime import Runtime
@@ -144,7 +145,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                      lambda: generation(lambda c, b: tgi.generate_stream(c, b, full_text_default=False), "tgi"),
                      methods=["POST"])
     app.add_url_rule("/v1/chat/completions", "chat", lambda: generation(chat.chat, "openai"), methods=["POST"])
-    app.add_url_rule("/v1/completions", "completions", lambda: generation(openai.completions, "openai"),
+    app.add_url_rule("/v1/completions", "completions", lambda: generation(completions.completions, "openai"),
                      methods=["POST"])
 
     # ---- information ----
@@ -160,8 +161,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         except SagellmError as exc:
             return error_response(exc, flavor)
 
-    app.add_url_rule("/info", "info", lambda: informational(lambda c: _json(info_api.info(c))))
-    app.add_url_rule("/v1/models", "models", lambda: informational(openai.models, "openai"))
+    app.add_url_rule("/info", "info", lambda: informational(lambda c: JsonResponse(info_api.info(c))))
+    app.add_url_rule("/v1/models", "models", lambda: informational(info_api.models, "openai"))
     app.add_url_rule("/tokenize", "tokenize",
                      lambda: informational(lambda c: tgi.tokenize(c, json_body(settings.payload_limit))),
                      methods=["POST"])
@@ -182,11 +183,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return error_response(exc, "tgi")
 
     return app
-
-
-def _json(obj):
-    from sagellm.api.responses import JsonResponse
-    return JsonResponse(obj)
 
 
 def _json_str(s: str) -> str:

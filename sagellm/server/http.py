@@ -10,7 +10,8 @@ import threading
 
 from flask import Response, request
 
-from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
+from sagellm.api.error_shapes import Flavor, error_body
+from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse, json_text
 from sagellm.engine.client import RequestStream
 from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, UnsupportedMediaType
 
@@ -31,15 +32,8 @@ def json_body(limit: int):
         raise BadRequest(f"Failed to parse the request body as JSON: {exc}") from None
 
 
-def error_body(exc: SagellmError, flavor: str) -> dict:
-    if flavor == "openai":
-        return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param,
-                          "code": exc.status}}
-    return {"error": exc.message, "error_type": exc.error_type}
-
-
-def error_response(exc: SagellmError, flavor: str) -> Response:
-    resp = Response(json.dumps(error_body(exc, flavor)), status=exc.status, mimetype="application/json")
+def error_response(exc: SagellmError, flavor: Flavor) -> Response:
+    resp = Response(json_text(error_body(exc, flavor)), status=exc.status, mimetype="application/json")
     if exc.status == 429:
         resp.headers["Retry-After"] = "1"
     return resp
@@ -116,8 +110,7 @@ def to_flask(result: JsonResponse | RawResponse | StreamResponse, on_close) -> R
         on_close()
         if result.body is None:
             return Response(status=result.status, headers=result.headers)
-        body = json.dumps(result.body, ensure_ascii=False, separators=(",", ":"))
-        return Response(body, status=result.status, mimetype="application/json", headers=result.headers)
+        return Response(json_text(result.body), status=result.status, mimetype="application/json", headers=result.headers)
 
     def chunks():
         try:
