@@ -75,3 +75,11 @@ def invocations(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     enabled = ctx.settings.messages_api_enabled
     why = "" if enabled is None else f" (MESSAGES_API_ENABLED={'true' if enabled else 'false'})"
     raise invalid(f"the body must have {wanted}{why}", allowed[0].key)
+
+
+def flavor_of(settings: Settings, body) -> Flavor:
+    """The error shape this body's clients read: that of the shape it asks for (for
+    introspection, the shape of the rest of the body), else that of the first shape allowed."""
+    rest = {k: v for k, v in body.items() if k != INTROSPECTION.key} if isinstance(body, dict) else None
+    shape = match(settings, rest)
+    return (shape or allowed_shapes(settings)[0]).flavor
