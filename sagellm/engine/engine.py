@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from sagellm.engine.client import EngineDead, QueueStream
-from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.detokenizer import make_detokenizer
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.runner import ModelRunner, PromptLogprobRows
-from sagellm.engine.sampler import plain_greedy, sample
+from sagellm.engine.output import OutputProcessor
+from sagellm.engine.sampler import Sample, plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.events import FinishReason, PromptToken, TokenEvent, TopToken
+from sagellm.engine.events import FinishReason, PromptToken, TokenEvent
 from sagellm.engine.sequence import Sequence
 from sagellm.model.forward import ModelForward
 
@@ -44,7 +45,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
-        self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, config.max_total_tokens)
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
@@ -96,8 +97,7 @@ class LLMEngine:
             raise EngineDead("the engine is not running")
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
-        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params,
-                       IncrementalDetokenizer(self.tokenizer, prompt_ids), self.special_ids)
+        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, make_detokenizer(self.tokenizer, prompt_ids))
         stream = QueueStream(seq.request_id, len(prompt_ids), params.seed if params.do_sample else None,
                              seq.events, self.is_alive, lambda: self.abort(seq.request_id))
         self._inbox.append(seq)
@@ -190,51 +190,22 @@ class LLMEngine:
         if not seq.params.prompt_logprobs:
             return None
         logprobs = self._prompt_logprobs.pop(seq.request_id, None) or [None] * len(seq.prompt_ids)
-        texts = self.tokenizer.batch_decode([[t] for t in seq.prompt_ids], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-        return [PromptToken(t, text, lp) for t, text, lp in zip(seq.prompt_ids, texts, logprobs)]
+        return self.output.prompt_tokens(seq, logprobs)
 
-    def _append_token(self, seq: Sequence, s) -> None:
-        p = seq.params
+    def _append_token(self, seq: Sequence, s: Sample) -> None:
         seq.output_ids.append(s.token_id)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        text = seq.detokenizer.step(s.token_id)
-        special = s.token_id in self.special_ids
-        delta, stop_str = ("", None) if special else seq.stop_matcher.feed(text)
-        finish, stop_reason = None, None
-        eos_allowed = not p.ignore_eos and len(seq.output_ids) >= p.min_new_tokens
-        grammar_done = False
-        if seq.matcher is not None:
-            if not seq.matcher.accept(s.token_id):
-                self._fail(seq, f"constrained decoding failed: {seq.matcher.error}")
-                return
-            grammar_done = seq.matcher.finished
-        if s.token_id in self.eos_token_ids and (eos_allowed or seq.matcher is not None):
-            finish = FinishReason.EOS_TOKEN
-        elif grammar_done:  # the grammar allows nothing more: ends like an EOS
-            finish = FinishReason.EOS_TOKEN
-        elif stop_str is not None:
-            finish, stop_reason = FinishReason.STOP_SEQUENCE, stop_str
-        elif s.token_id in p.stop_token_ids:
-            finish, stop_reason = FinishReason.STOP_SEQUENCE, s.token_id
-        elif (len(seq.output_ids) >= p.max_new_tokens
-              or seq.num_tokens >= self.config.max_total_tokens
-              or (p.deadline is not None and time.monotonic() >= p.deadline)):
-            finish = FinishReason.LENGTH
-        if finish is not None and finish != FinishReason.STOP_SEQUENCE:
-            delta += seq.stop_matcher.flush()
-        top = [TopToken(t, self.tokenizer.decode([t], skip_special_tokens=False), lp,
-                        t in self.special_ids) for t, lp in s.top]
-        prompt = self._take_prompt_logprobs(seq) if len(seq.output_ids) == 1 else None
-        seq.events.put(TokenEvent(len(seq.output_ids), s.token_id, text, s.logprob, special, delta,
-                                  top, finish, stop_reason, prompt_logprobs=prompt))
-        if finish is not None:
-            self._finish(seq, finish, emit=False)
+        if seq.matcher is not None and not seq.matcher.accept(s.token_id):
+            self._fail(seq, f"constrained decoding failed: {seq.matcher.error}")
+            return
+        event = self.output.token_event(seq, s)
+        if event.index == 1:
+            event.prompt_logprobs = self._take_prompt_logprobs(seq)
+        seq.events.put(event)
+        if event.finish_reason is not None:
+            self._finish(seq, event.finish_reason, emit=False)
 
     def _finish(self, seq: Sequence, reason: FinishReason, emit: bool = True,
                 error: str | None = None) -> None:
-        seq.finish_reason = reason
         self.scheduler.finish(seq)
         self._by_id.pop(seq.request_id, None)
         self._prompt_logprobs.pop(seq.request_id, None)
