@@ -2,7 +2,7 @@
 """Where a decode step's time goes, in-process (no HTTP): for batch sizes 1/16/64 of running
 requests, the engine's per-phase time per step (schedule, prepare, forward, sample, output =
 detokenize + stop checks + events), the torch profiler's top operators inside `forward`, and the
-floors this machine's memory bandwidth and matmul rate allow (../shared/bench/hw_limits.py).
+floors this machine's memory bandwidth and matmul rate allow (bench/hw_limits.py).
 
     python bench/profile_step.py [--dtype bfloat16] [--batches 1,16,64] [--steps 32]
 """
