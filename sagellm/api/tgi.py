@@ -146,8 +146,9 @@ def generate(ctx: ServingContext, body, *, full_text_default: bool) -> JsonRespo
 def timing_headers(ctx, t0: float, t_valid: float, n_in: int, n_out: int, text: str) -> dict:
     now = time.monotonic()
     total_ms, infer_ms = int((now - t0) * 1000), int((now - t_valid) * 1000)
+    device = "gpu+optimized" if ctx.engine.model.device == "cuda" else "cpu"
     return {
-        "x-compute-type": ctx.settings.compute_type or ("gpu+optimized" if ctx.engine.model.device == "cuda" else "cpu"),
+        "x-compute-type": ctx.settings.compute_type or device,
         "x-compute-time": f"{now - t0:.3f}", "x-compute-characters": str(len(text)),
         "x-total-time": str(total_ms), "x-validation-time": str(int((t_valid - t0) * 1000)),
         "x-queue-time": "0", "x-inference-time": str(infer_ms),

@@ -16,13 +16,13 @@ import torch
 
 from sagellm.engine.client import EngineDead, QueueStream
 from sagellm.engine.detokenizer import make_detokenizer
+from sagellm.engine.events import FinishReason, PromptToken, TokenEvent
 from sagellm.engine.kv_cache import PagedKVCache
-from sagellm.engine.runner import ModelRunner, PromptLogprobRows
 from sagellm.engine.output import OutputProcessor
+from sagellm.engine.runner import ModelRunner, PromptLogprobRows
 from sagellm.engine.sampler import Sample, plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.events import FinishReason, PromptToken, TokenEvent
 from sagellm.engine.sequence import Sequence
 from sagellm.model.forward import ModelForward
 

@@ -110,7 +110,8 @@ def to_flask(result: JsonResponse | RawResponse | StreamResponse, on_close) -> R
         on_close()
         if result.body is None:
             return Response(status=result.status, headers=result.headers)
-        return Response(json_text(result.body), status=result.status, mimetype="application/json", headers=result.headers)
+        return Response(json_text(result.body), status=result.status, mimetype="application/json",
+                        headers=result.headers)
 
     def chunks():
         try:
