@@ -11,7 +11,7 @@ import queue
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from sagellm.engine.events import TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
@@ -65,6 +65,13 @@ class TokenSpan(NamedTuple):
     token_id: int
     start: int  # character offsets in the text
     end: int
+
+
+class CompiledGrammar(Protocol):
+    """What compile_grammar returns, for SamplingParams.grammar (sagellm.engine.constraint.Grammar)."""
+
+    description: str  # its kind: json_schema, json_object, regex or lark
+    source: str  # llguidance's grammar text, for an engine that runs its own matcher
 
 
 class EngineDead(RuntimeError):
@@ -185,6 +192,6 @@ class EngineClient(ABC):
         """Constrained decoding is available (not DISABLE_GRAMMAR_SUPPORT)."""
 
     @abstractmethod
-    def compile_grammar(self, kind: str, value: object, param: str) -> object:
+    def compile_grammar(self, kind: str, value: object, param: str) -> CompiledGrammar:
         """A grammar for SamplingParams.grammar. kind: json_schema, json_object, regex or lark;
         raises a ValidationError naming `param` when it cannot compile."""

@@ -4,7 +4,7 @@ that tokenizer (sagellm.engine.constraint), all run in the API's threads."""
 
 from __future__ import annotations
 
-from sagellm.engine.client import EngineClient, TokenSpan
+from sagellm.engine.client import CompiledGrammar, EngineClient, TokenSpan
 from sagellm.errors import ValidationError
 
 
@@ -45,7 +45,7 @@ class TextClient(EngineClient):
     def supports_grammar(self) -> bool:
         return self._grammars is not None
 
-    def compile_grammar(self, kind: str, value: object, param: str) -> object:
+    def compile_grammar(self, kind: str, value: object, param: str) -> CompiledGrammar:
         if self._grammars is None:
             raise ValidationError(f"`{param}`: grammar is not supported (DISABLE_GRAMMAR_SUPPORT is set)",
                                   param=param)

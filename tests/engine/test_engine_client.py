@@ -88,6 +88,7 @@ def test_the_text_side(client):
     assert client.template_shows_tools is False
     assert client.supports_grammar
     grammar = client.compile_grammar("regex", "[0-9]+", "grammar")
+    assert grammar.description == "regex" and "[0-9]+" in grammar.source
     out = list(client.submit(client.tokenize("The answer is"), SamplingParams(max_new_tokens=6, grammar=grammar)))
     assert "".join(e.delta for e in out).isdigit()
     with pytest.raises(ValidationError, match="`grammar`"):
