@@ -12,7 +12,7 @@ import torch
 from sagellm.engine import attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.errors import ModelLoadError, SettingsError
-from sagellm.model import bundled, cpu_kernels, cpu_linear, fast_decoder
+from sagellm.model import bundled, cpu_kernels, cpu_linear, fast_decoder, probe
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.resolve import ModelSource, resolve_model
 from sagellm.settings import Settings
@@ -80,7 +80,8 @@ def _load_error(path: str, exc: Exception) -> ModelLoadError:
 
 def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -> torch.nn.Module:
     """The model on `device`, with our paged attention; with `tp_size` > 1, this rank's shard by
-    transformers' TP plan (the process group must be up; every rank calls this together)."""
+    transformers' TP plan (the process group must be up; every rank calls this together). A model
+    using an attention feature the engine does not implement is refused (sagellm.model.probe)."""
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
@@ -100,11 +101,14 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
     model.sagellm_kernels = kernels  # the runner hands them to the attention and the sampler
     if not tp:
         model.to(device)
+    model.eval()
+    layer_attention = probe.check(model, kernels, device, tp_size)  # every rank, together (collectives)
+    if not tp:
         if fast_decoder.eligible(model):
-            model.sagellm_fast = fast_decoder.FastDecoder(model, kernels)
+            model.sagellm_fast = fast_decoder.FastDecoder(model, kernels, layer_attention)
         elif device == "cpu" and cpu_linear.available(model.dtype):
             cpu_linear.pack_linears(model)
-    return model.eval()
+    return model
 
 
 def load_model(settings: Settings, device: str | None = None) -> LoadedModel:
