@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from sagellm.errors import ModelLoadError
-from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder
+from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, probe
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.forward import ModelForward
 from sagellm.model.resolve import ModelSource, resolve_model
@@ -71,7 +71,8 @@ def _load_error(path: str, exc: Exception) -> ModelLoadError:
 def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -> ModelForward:
     """The model on `device` with our paged attention, and what runs it; with `tp_size` > 1, this
     rank's shard by transformers' TP plan (the process group must be up; every rank calls this
-    together)."""
+    together). A model using an attention feature the engine does not implement is refused
+    (sagellm.model.probe)."""
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
@@ -90,11 +91,14 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
         kernels = cpu_kernels.load(bundled.default_cache_dir(settings.cache_dir))
     if not tp:
         model.to(device)
+    model.eval()
+    layer_attention = probe.check(model, kernels, device, tp_size)  # every rank, together (collectives)
+    if not tp:
         if fast_decoder.eligible(model):
-            fast = fast_decoder.FastDecoder(model, kernels)
+            fast = fast_decoder.FastDecoder(model, kernels, layer_attention)
         elif device == "cpu" and cpu_linear.available(model.dtype):
             cpu_linear.pack_linears(model)
-    return ModelForward(model.eval(), kernels, fast)
+    return ModelForward(model, kernels, fast)
 
 
 def open_model(settings: Settings) -> ModelFiles:
