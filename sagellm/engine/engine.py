@@ -39,6 +39,12 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse cached blocks of earlier prompts (PREFIX_CACHING)
 
 
+@dataclass
+class _PromptScores:
+    logprobs: list[float | None]  # [prompt length]
+    tops: list[list[tuple[int, float]]]  # [prompt length][prompt_top_n]
+
+
 class LLMEngine:
     def __init__(self, model: ModelForward, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
                  device: str = "cpu", dtype: torch.dtype | None = None, tp_group=None):
@@ -61,9 +67,10 @@ class LLMEngine:
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._by_id: dict[str, Sequence] = {}
-        # request id -> logprob of each prompt token (index p scored from tokens 0 .. p - 1), filled
-        # chunk by chunk and handed out with the request's first token.
-        self._prompt_logprobs: dict[str, list[float | None]] = {}
+        # request id -> logprob of each prompt token (index p scored from tokens 0 .. p - 1) and
+        # the (token id, logprob) alternatives at each place, filled chunk by chunk and handed out
+        # with the request's first token.
+        self._prompt_logprobs: dict[str, _PromptScores] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,7 +176,10 @@ class LLMEngine:
         phases["sample"] += t3 - t2
         self.scheduler.register_computed(batch.decodes + [s for s, _ in batch.prefills])
         for seq, s in zip(sampling, samples):
-            self._append_token(seq, s)
+            if seq.params.max_new_tokens == 0:  # scored the prompt; its sample is not wanted
+                self._finish_scored(seq)
+            else:
+                self._append_token(seq, s)
         phases["output"] += time.perf_counter() - t3
         self.num_steps += 1
         self.last_progress = time.monotonic()
@@ -179,18 +189,39 @@ class LLMEngine:
         positions computed again (a preempted prefill) overwrite rather than repeat."""
         targets = torch.tensor([t for r in rows for t in r.seq.prompt_ids[r.start + 1:r.start + 1 + r.count]],
                                device=logits.device)
-        logprobs = (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [R, 1]
+        # The same subtraction for the token and its alternatives: when the token is the most
+        # likely one, both logprobs are the same float (scorers compare them for "greedy").
+        logprobs = (logits.gather(1, targets[:, None]) - lse)[:, 0].tolist()
+        k = max(r.seq.params.prompt_top_n for r in rows)
+        if k:
+            top_values, top_ids = logits.topk(k, dim=-1)  # [R, k]
+            top_values, top_ids = (top_values - lse).tolist(), top_ids.tolist()
         offset = 0
         for r in rows:
-            store = self._prompt_logprobs.setdefault(r.seq.request_id, [None] * len(r.seq.prompt_ids))
-            store[r.start + 1:r.start + 1 + r.count] = logprobs[offset:offset + r.count]
+            n = len(r.seq.prompt_ids)
+            store = self._prompt_logprobs.setdefault(r.seq.request_id, _PromptScores([None] * n, [[]] * n))
+            place = slice(r.start + 1, r.start + 1 + r.count)
+            store.logprobs[place] = logprobs[offset:offset + r.count]
+            if want := r.seq.params.prompt_top_n:
+                store.tops[place] = [list(zip(top_ids[j][:want], top_values[j][:want]))
+                                     for j in range(offset, offset + r.count)]
             offset += r.count
 
     def _take_prompt_logprobs(self, seq: Sequence) -> list[PromptToken] | None:
         if not seq.params.prompt_logprobs:
             return None
-        logprobs = self._prompt_logprobs.pop(seq.request_id, None) or [None] * len(seq.prompt_ids)
-        return self.output.prompt_tokens(seq, logprobs)
+        n = len(seq.prompt_ids)
+        scores = self._prompt_logprobs.pop(seq.request_id, None) or _PromptScores([None] * n, [[]] * n)
+        return self.output.prompt_tokens(seq, scores.logprobs, scores.tops)
+
+    def _finish_scored(self, seq: Sequence) -> None:
+        """A request with max_new_tokens 0 ends once its prompt is prefilled: one event, no token,
+        with the prompt's logprobs."""
+        event = TokenEvent(0, -1, "", None, True, "", [], FinishReason.LENGTH,
+                           prompt_logprobs=self._take_prompt_logprobs(seq))
+        seq.events.put(event)
+        self._finish(seq, FinishReason.LENGTH, emit=False)
 
     def _append_token(self, seq: Sequence, s: Sample) -> None:
         seq.output_ids.append(s.token_id)

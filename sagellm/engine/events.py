@@ -25,11 +25,13 @@ class TopToken:
 @dataclass
 class PromptToken:
     """One prompt token with the logprob the model gave it from the tokens before it (None for
-    the first, which has no context)."""
+    the first, which has no context), and the most likely tokens at its place
+    (SamplingParams.prompt_top_n of them; none for the first)."""
 
     token_id: int
     text: str
     logprob: float | None
+    top_tokens: list[TopToken] = field(default_factory=list)
 
 
 @dataclass
@@ -48,5 +50,6 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended generation
     error: str | None = None
-    # Every prompt token, on the first event of a request with SamplingParams.prompt_logprobs.
+    # Every prompt token, on the first event of a request with SamplingParams.prompt_logprobs (a
+    # request with max_new_tokens 0 gets one event, token_id -1, finish_reason LENGTH).
     prompt_logprobs: list[PromptToken] | None = None

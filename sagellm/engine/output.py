@@ -40,8 +40,12 @@ class OutputProcessor:
         return TokenEvent(len(seq.output_ids), token_id, text, sample.logprob, special, delta, top, finish,
                           stop_reason)
 
-    def prompt_tokens(self, seq: Sequence, logprobs: list[float | None]) -> list[PromptToken]:
-        """Every prompt token with its text and logprob (TGI's prefill details)."""
+    def prompt_tokens(self, seq: Sequence, logprobs: list[float | None],
+                      tops: list[list[tuple[int, float]]]) -> list[PromptToken]:
+        """Every prompt token with its text, logprob and alternatives (TGI's prefill details,
+        OpenAI's echo)."""
         texts = self.tokenizer.batch_decode([[t] for t in seq.prompt_ids], skip_special_tokens=False,
                                             clean_up_tokenization_spaces=False)
-        return [PromptToken(t, text, lp) for t, text, lp in zip(seq.prompt_ids, texts, logprobs)]
+        return [PromptToken(t, text, lp, [TopToken(a, self.token_text(a), alp, a in self.special_ids)
+                                          for a, alp in top])
+                for t, text, lp, top in zip(seq.prompt_ids, texts, logprobs, tops)]

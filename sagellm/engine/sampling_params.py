@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int
+    max_new_tokens: int  # 0: score the prompt (prompt_logprobs) without generating
     # Greedy when False; temperature/top_k/top_p only apply when sampling.
     do_sample: bool = False
     temperature: float = 1.0
@@ -30,6 +30,7 @@ class SamplingParams:
     grammar: object | None = None
     # Score every prompt token (TGI's decoder_input_details); delivered on the first TokenEvent.
     prompt_logprobs: bool = False
+    prompt_top_n: int = 0  # alternatives reported per prompt token (with prompt_logprobs)
 
     @property
     def needs_penalties(self) -> bool:

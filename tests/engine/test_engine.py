@@ -219,6 +219,27 @@ def test_prompt_logprobs_equal_transformers(chat_ids, loaded_model, reference_mo
     assert list(engine.submit(ids, greedy(4)))[0].prompt_logprobs is None  # only when asked
 
 
+def test_prompt_scored_without_generating(chat_ids, loaded_model, reference_model, engine):
+    """max_new_tokens 0 (OpenAI's echo with max_tokens 0): one event, no token, finish LENGTH,
+    every prompt token's logprob and its 3 most likely alternatives as transformers has them."""
+    ids = chat_ids(QUESTIONS[3])
+    events = list(engine.submit(ids, greedy(0, prompt_logprobs=True, prompt_top_n=3)))
+    assert len(events) == 1 and events[0].token_id == -1 and events[0].finish_reason == FinishReason.LENGTH
+    got = events[0].prompt_logprobs
+    assert [t.token_id for t in got] == ids and got[0].logprob is None and got[0].top_tokens == []
+    with torch.inference_mode():
+        want = reference_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [len(ids), vocab]
+    top = want.topk(3, dim=-1)
+    for p, t in enumerate(got[1:]):
+        assert abs(t.logprob - want[p, ids[p + 1]].item()) < 1e-3
+        assert [a.token_id for a in t.top_tokens] == top.indices[p].tolist()
+        assert max(abs(a.logprob - v) for a, v in zip(t.top_tokens, top.values[p].tolist())) < 1e-3
+        assert [a.text for a in t.top_tokens] == [loaded_model.tokenizer.decode([a.token_id]) for a in t.top_tokens]
+        if t.token_id == t.top_tokens[0].token_id:  # the same float, so scorers can compare them
+            assert t.logprob == t.top_tokens[0].logprob
+    assert token_ids(engine.submit(ids, greedy(2))) == reference(reference_model, ids, 2)  # engine still fine
+
+
 @pytest.fixture(scope="module")
 def plain_transformers_model(loaded_model):
     """The bundled model under transformers' own modules with our paged attention: the forward
