@@ -110,7 +110,9 @@ class ChatCompletionRequest(OpenAISampling):
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: Union[str, list[str]]
+    # A text, several, a list of token ids or several such lists (OpenAI's spec). Pydantic's smart
+    # union takes the exact match first, so ["12"] stays text and [12] ids.
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool | None = None
     suffix: str | None = None
     logprobs: int | None = None

@@ -114,11 +114,12 @@ class ChatCompletionChunk(BaseModel):
 # ---- completions ----
 
 class CompletionLogprobs(BaseModel):
-    """The legacy dialect: parallel lists, one entry per token."""
+    """The legacy dialect: parallel lists, one entry per token (with echo, the prompt's first:
+    its first token has no logprob and no alternatives, null)."""
 
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float | None]]
+    top_logprobs: list[dict[str, float | None] | None]
     text_offset: list[int]  # characters into the choice's text
 
 

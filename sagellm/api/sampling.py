@@ -13,7 +13,8 @@ from sagellm.engine.sampling_params import SamplingParams
 
 def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, repetition_penalty,
                  frequency_penalty, presence_penalty, stop: list[str], seed, max_new_name: str,
-                 max_new_tokens) -> None:
+                 max_new_tokens, zero_ok: bool = False) -> None:
+    """zero_ok: max_new_tokens 0 is allowed (completions with echo: score the prompt only)."""
     s = ctx.settings
     if temperature is not None and temperature < 0:
         raise invalid("`temperature` must be >= 0", "temperature")
@@ -28,8 +29,9 @@ def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, r
         raise invalid(f"`typical_p` must be > 0.0 and <= 1.0. Given: {typical_p}", "typical_p")
     if top_k is not None and top_k < -1:
         raise invalid(f"`top_k` must be positive (0 or -1 turn it off). Given: {top_k}", "top_k")
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise invalid(f"`{max_new_name}` must be strictly positive. Given: {max_new_tokens}", max_new_name)
+    if max_new_tokens is not None and max_new_tokens < (0 if zero_ok else 1):
+        raise invalid(f"`{max_new_name}` must be {'>= 0' if zero_ok else 'strictly positive'}. "
+                      f"Given: {max_new_tokens}", max_new_name)
     if len(stop) > s.max_stop_sequences:
         raise invalid(f"`stop` supports up to {s.max_stop_sequences} stop sequences. Given: {len(stop)}"
                       " (raise MAX_STOP_SEQUENCES to allow more)", "stop")
@@ -83,8 +85,9 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
 
 
 def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inputs_name: str,
-                  top_n: int = 0, logprobs: bool = False) -> SamplingParams:
-    """The sampling fields chat and completions requests share; temperature 0 means greedy."""
+                  top_n: int = 0, logprobs: bool = False, zero_ok: bool = False) -> SamplingParams:
+    """The sampling fields chat and completions requests share; temperature 0 means greedy;
+    zero_ok as in check_common."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     requested = next((v for v in (req.max_completion_tokens, req.max_tokens, req.max_new_tokens)
                       if v is not None), None)
@@ -93,7 +96,7 @@ def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inp
     check_common(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, typical_p=None,
                  repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                  presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, max_new_name=name,
-                 max_new_tokens=requested)
+                 max_new_tokens=requested, zero_ok=zero_ok)
     if req.min_tokens is not None and req.min_tokens < 0:
         raise invalid(f"`min_tokens` must be >= 0. Given: {req.min_tokens}", "min_tokens")
     bias = []

@@ -44,7 +44,8 @@ def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
             tp.shutdown(timeout=1)
         raise
     info = ModelInfo(model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
-                     dtype=str(lm.dtype).replace("torch.", ""))
+                     dtype=str(lm.dtype).replace("torch.", ""),
+                     vocab_size=min(len(lm.tokenizer), _text_config(lm.model.config).vocab_size))
     return SagellmEngineClient(engine, model=info, limits=limits, tokenizer=lm.tokenizer, chat=lm.chat,
                                grammars=_grammars(settings, lm), watchdog_timeout_s=settings.watchdog_timeout_s,
                                tp_group=tp)
@@ -69,8 +70,7 @@ def _grammars(settings: Settings, lm: LoadedModel):
         return None
     from sagellm.engine.constraint import GrammarCompiler
 
-    config = lm.model.config
-    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    vocab = _text_config(lm.model.config).vocab_size
     return GrammarCompiler(lm.tokenizer, vocab, lm.eos_token_ids, timeout_s=settings.grammar_compile_timeout_s)
 
 
@@ -81,3 +81,7 @@ def _warm_up(engine: LLMEngine, lm: LoadedModel) -> None:
     events = list(engine.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True)))
     if not events or events[-1].finish_reason is None or events[-1].error:
         raise RuntimeError(f"warm-up generation failed: {events[-1].error if events else 'no output'}")
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -34,6 +34,8 @@ class ModelInfo:
     served_name: str  # what clients see as `model`
     device: str  # "cpu" or "cuda"
     dtype: str  # "bfloat16", "float32", ...
+    # Prompt token ids must be below it: the tokenizer's and the model's embedding's size, the smaller.
+    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,8 @@ class EngineClient(ABC):
         """Tokens of `text` as the native API counts them (special tokens added)."""
 
     @abstractmethod
-    def decode(self, token_ids: list[int]) -> str:
-        """Text of the ids, special tokens left out."""
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of the ids, special tokens left out unless asked for."""
 
     @property
     @abstractmethod

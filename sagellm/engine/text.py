@@ -25,8 +25,8 @@ class TextClient(EngineClient):
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         return [TokenSpan(i, s, e) for i, (s, e) in zip(enc.input_ids, enc["offset_mapping"])]
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     @property
     def template_shows_tools(self) -> bool:

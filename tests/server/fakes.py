@@ -74,7 +74,8 @@ class FakeClient(EngineClient):
     """The EngineClient over a scripted engine (anything with `submit(ids, params)`); words
     are tokens, a token's id its length."""
 
-    model = ModelInfo(model_id="fake/model", served_name="fake-model", device="cpu", dtype="float32")
+    model = ModelInfo(model_id="fake/model", served_name="fake-model", device="cpu", dtype="float32",
+                      vocab_size=1000)
     limits = Limits(max_input_tokens=100, max_total_tokens=200, max_batch_prefill_tokens=100,
                     max_batch_total_tokens=1000, max_batch_size=4)
 
@@ -102,7 +103,7 @@ class FakeClient(EngineClient):
     def tokenize_with_offsets(self, text):
         return [TokenSpan(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
 
-    def decode(self, token_ids):
+    def decode(self, token_ids, skip_special_tokens=True):
         return "".join(VOCAB.get(i, "") for i in token_ids)
 
     template_shows_tools = False
