@@ -21,7 +21,7 @@ from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResp
 from sagellm.api.sampling import check_n, openai_params
 from sagellm.api.submit import collect, nth_params, submit_all
 from sagellm.engine.events import FinishReason, TokenEvent
-from sagellm.errors import ValidationError
+from sagellm.errors import GenerationError, ValidationError
 
 
 def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
@@ -65,7 +65,7 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
             if req.logprobs is not None:
                 lp = legacy_logprobs.empty()
                 if score_prompt:
-                    legacy_logprobs.add_prompt(lp, events[0].prompt_logprobs or [])
+                    legacy_logprobs.add_prompt(lp, events[0].prompt_logprobs)
                 legacy_logprobs.add_generated(lp, generated, len(prefix), bool(req.echo))
             choices.append(CompletionChoice(
                 index=i, text=prefix + "".join(e.delta for e in generated), logprobs=lp,
@@ -132,7 +132,11 @@ def _stream(req: CompletionRequest, streams, echoed: list[str], head: dict, n_pr
                 text = echoed[i] + text
                 offsets[i] = len(echoed[i])
                 if lp is not None and echo:
-                    legacy_logprobs.add_prompt(lp, ev.prompt_logprobs or [])
+                    try:
+                        legacy_logprobs.add_prompt(lp, ev.prompt_logprobs)
+                    except GenerationError as exc:
+                        yield error_event(exc, "openai")
+                        break
             if lp is not None:
                 offsets[i] = legacy_logprobs.add_generated(lp, [ev], offsets[i], echo)
                 lp = lp if lp.tokens else None

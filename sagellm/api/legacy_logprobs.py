@@ -3,6 +3,7 @@ token; with `echo`, the prompt's tokens first, as OpenAI's legacy API and vLLM g
 
 from __future__ import annotations
 
+from sagellm.api.error_shapes import generation_failed
 from sagellm.api.protocol_openai import CompletionLogprobs
 from sagellm.engine.events import FinishReason, PromptToken, TokenEvent
 
@@ -21,10 +22,14 @@ def shown(ev: TokenEvent, echo: bool) -> bool:
     return echo or not (ev.special and ev.finish_reason == FinishReason.EOS_TOKEN)
 
 
-def add_prompt(out: CompletionLogprobs, prompt: list[PromptToken]) -> None:
+def add_prompt(out: CompletionLogprobs, prompt: list[PromptToken] | None) -> None:
     """The prompt's entries; text_offset adds up the tokens' texts from 0, as vLLM does (for a
     prompt with special tokens or characters split across tokens it drifts from the echoed text,
-    there as here). The first token has neither logprob nor alternatives: null."""
+    there as here). The first token has neither logprob nor alternatives: null. An engine that
+    returned no prompt logprobs fails the request: scores without the prompt's entries would be
+    silently wrong."""
+    if prompt is None:
+        raise generation_failed("the engine returned no prompt logprobs")
     offset = 0
     for i, t in enumerate(prompt):
         out.tokens.append(t.text)

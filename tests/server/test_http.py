@@ -305,6 +305,23 @@ def test_engine_error_event_inside_streams(app_rt):
     assert "CUDA out of memory" in last["error"]["message"], last
 
 
+def test_echo_scoring_without_prompt_logprobs_fails_not_guesses(app_rt):
+    """An engine that returns no prompt logprobs (the fake here) fails an echo-with-logprobs
+    request: scores missing the prompt's entries would shift every evaluation silently."""
+    app, rt = app_rt
+    c = app.test_client()
+    body = {"prompt": "a b c", "echo": True, "logprobs": 1, "max_tokens": 2}
+    err = oai_error(c.post("/v1/completions", json=body), 424)
+    assert "prompt logprobs" in err["message"], err
+    assert rt.fake.handles[-1].params.prompt_logprobs and rt.fake.handles[-1].params.prompt_top_n == 1
+    events = sse_events(c.post("/v1/completions", json={**body, "stream": True}).get_data())
+    assert events[-1] == b"[DONE]" and "prompt logprobs" in json.loads(events[-2])["error"]["message"]
+    # echo alone needs none: the prompt's text, then the reply
+    r = c.post("/v1/completions", json={"prompt": "a b c", "echo": True, "max_tokens": 2})
+    assert r.status_code == 200 and r.get_json()["choices"][0]["text"] == "a b c" + "".join(REPLY)
+    assert not rt.fake.handles[-1].params.prompt_logprobs
+
+
 # ---- body handling ----
 
 def test_unsupported_media_type_is_415(client):
