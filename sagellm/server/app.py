@@ -1,5 +1,6 @@
 """The Flask app factory: the runtime (the engine, built in the background), what the routes
-share, one blueprint per API (sagemaker, tgi, openai), the request id, and 404/405 as JSON.
+share, one blueprint per API (sagemaker, tgi, openai, anthropic), the request id, and 404/405 as
+JSON in the shape of the path's API.
 Handlers live in sagellm.api; the checks every request passes in sagellm.server.checks."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import uuid
 
 from flask import Flask, g, request
 
+from sagellm.api.error_shapes import flavor_of_path
 from sagellm.errors import NotFound
 from sagellm.server import routes_openai, routes_sagemaker, routes_tgi
 from sagellm.server.checks import ServerState
@@ -49,10 +51,10 @@ def _stamp_request_id(resp):
 
 
 def _not_found(_):
-    return error_response(NotFound(f"no route {request.method} {request.path}"), "tgi")
+    return error_response(NotFound(f"no route {request.method} {request.path}"), flavor_of_path(request.path))
 
 
 def _bad_method(_):
     exc = NotFound(f"method {request.method} is not allowed on {request.path}")
     exc.status = 405
-    return error_response(exc, "tgi")
+    return error_response(exc, flavor_of_path(request.path))

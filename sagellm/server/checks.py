@@ -47,7 +47,7 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
     t0, path, request_id = time.monotonic(), request.path, g.request_id  # a stream outlives the request
     admitted = False
     try:
-        _authorize(st.settings)
+        _authorize(st.settings, flavor)
         body = raw_body(st.settings.payload_limit) if raw else json_body(st.settings.payload_limit)
         flavor = flavor or invocations.flavor_of(st.settings, body)
         if st.settings.log_prompts:
@@ -86,11 +86,14 @@ def health() -> Response:
     return to_flask(JsonResponse(body, status=503), lambda: None)
 
 
-def _authorize(settings: Settings) -> None:
+def _authorize(settings: Settings, flavor: Flavor | None = None) -> None:
     if settings.api_key:
+        if flavor == "anthropic" and request.headers.get("x-api-key") == settings.api_key:
+            return  # Anthropic's clients send the key this way
         auth = request.headers.get("Authorization", "")
         if auth.lower() != f"bearer {settings.api_key}".lower():
-            raise Unauthorized("missing or wrong `Authorization: Bearer` API key")
+            header = "`x-api-key` or `Authorization: Bearer`" if flavor == "anthropic" else "`Authorization: Bearer`"
+            raise Unauthorized(f"missing or wrong {header} API key")
 
 
 def _ready(runtime) -> ServingContext:
