@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import MISSING, BaseModel
 
-from sagellm.api.responses import sse
+from sagellm.api.responses import named_sse, sse
 from sagellm.errors import GenerationError, SagellmError, ValidationError
 
 Flavor = Literal["tgi", "openai", "anthropic"]
@@ -73,7 +73,7 @@ def error_event(exc: SagellmError, flavor: Flavor) -> bytes:
     if isinstance(body, OpenAIError):
         body.error.http_status_code = exc.status
     if isinstance(body, AnthropicError):  # Anthropic's clients read the event's name
-        return b"event: error\n" + sse(body)
+        return named_sse(body)
     return sse(body)
 
 

@@ -77,6 +77,16 @@ def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor =
         return error_response(exc, flavor)
 
 
+def authorized(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor) -> Response:
+    """A route that reads or changes what requests stored (GET/DELETE /v1/responses/{id}): the API
+    key and readiness, no body, no admission slot."""
+    try:
+        _authorize(state().settings, flavor)
+        return to_flask(fn(_ready(state().runtime)), lambda: None)
+    except SagellmError as exc:
+        return error_response(exc, flavor)
+
+
 def health() -> Response:
     """/ping (and TGI's /health): 200 with no body while the engine is healthy, else 503."""
     ok, why = state().runtime.healthy()
