@@ -30,6 +30,7 @@ class MessagesRequest(_Lenient):
     tool_choice: dict[str, Any] | None = None
     stream: bool | None = None
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # format: structured output; effort is refused
 
 
 class CountTokensRequest(_Lenient):

@@ -12,7 +12,7 @@ from flask import Flask, g, request
 
 from sagellm.api.error_shapes import flavor_of_path
 from sagellm.errors import NotFound
-from sagellm.server import routes_openai, routes_sagemaker, routes_tgi
+from sagellm.server import routes_anthropic, routes_openai, routes_sagemaker, routes_tgi
 from sagellm.server.checks import ServerState
 from sagellm.server.http import Admission, error_response
 from sagellm.server.metrics import Metrics
@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["SAGELLM_RUNTIME"] = runtime  # gunicorn's worker_exit stops it
     app.extensions["sagellm"] = ServerState(settings, runtime, Admission(settings.max_concurrent_requests),
                                             Metrics())
-    for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp):
+    for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp, routes_anthropic.bp):
         app.register_blueprint(blueprint)
     app.before_request(_request_id)
     app.after_request(_stamp_request_id)

@@ -47,3 +47,20 @@ def test_unknown_route_under_v1_messages_is_anthropic_shaped():
 
 def test_routes_outside_v1_keep_tgi_errors():
     assert "/nothing" in tgi_error(_client().get("/nothing"), 404)
+def test_v1_messages_errors_are_anthropic_shaped():
+    c = _client()
+    err = anthropic_error(c.post("/v1/messages", data=b"{not json", content_type="application/json"), 400)
+    assert err["type"] == "invalid_request_error", err
+    err = anthropic_error(c.post("/v1/messages", json={"messages": [{"role": "user", "content": "hi"}]}), 422)
+    assert "max_tokens" in err["message"], err
+
+
+def test_x_api_key_is_accepted_on_v1_messages_only():
+    c = _client({"API_KEY": "sekret"})
+    body = {"max_tokens": 3, "messages": [{"role": "user", "content": "Say hello"}]}
+    assert anthropic_error(c.post("/v1/messages", json=body), 401)["type"] == "authentication_error"
+    assert anthropic_error(c.post("/v1/messages", json=body, headers={"x-api-key": "wrong"}), 401)
+    assert c.post("/v1/messages", json=body, headers={"x-api-key": "sekret"}).status_code == 200
+    assert c.post("/v1/messages", json=body, headers={"Authorization": "Bearer sekret"}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 3}
+    oai_error(c.post("/v1/chat/completions", json=chat, headers={"x-api-key": "sekret"}), 401)
