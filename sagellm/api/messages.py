@@ -13,7 +13,7 @@ from pydantic import MISSING, BaseModel
 
 from sagellm.api.anthropic_input import chat_body, refuse_unsupported, renamed
 from sagellm.api.chat import prepare_chat
-from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts
+from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, failed_part
 from sagellm.api.choices import interleave
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import error_body, generation_failed
@@ -72,7 +72,7 @@ class Builder:
 
     def run(self, parts) -> Iterator[BaseModel | None]:
         yield MessageStartEvent(message=self.msg)
-        for _, part in interleave([parts], lambda exc: ErrorPart(str(exc))):
+        for part in parts:
             if part is None:
                 yield None
             elif isinstance(part, TextPart):
@@ -137,7 +137,7 @@ def create(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     if req.stream:
         def events():
             try:
-                for event in builder.run(parts):
+                for event in builder.run(part for _, part in interleave([parts], failed_part)):
                     yield SSE_KEEPALIVE if event is None else named_sse(event)
             finally:
                 finish()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pydantic import MISSING, BaseModel
 
 from sagellm.api.chat import prepare_chat
-from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts
+from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, failed_part
 from sagellm.api.choices import interleave
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import generation_failed
@@ -80,7 +80,7 @@ class Builder:
     def run(self, parts) -> Iterator[BaseModel | None]:
         yield self._life("response.created")
         yield self._life("response.in_progress")
-        for _, part in interleave([parts], lambda exc: ErrorPart(str(exc))):
+        for part in parts:
             if part is None:
                 yield None
             elif isinstance(part, TextPart):
@@ -159,7 +159,7 @@ def create(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     if req.stream:
         def events():
             try:
-                for event in builder.run(parts):
+                for event in builder.run(part for _, part in interleave([parts], failed_part)):
                     yield SSE_KEEPALIVE if event is None else named_sse(event)
             finally:
                 finish()

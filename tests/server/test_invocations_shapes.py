@@ -81,3 +81,36 @@ def test_readme_stream_loop_reads_both_through_line_iterator():
                 elif event["type"] == "content_block_delta" and event["delta"]["type"] == "text_delta":
                     text += event["delta"]["text"]
         assert text == TEXT, (body, raw[:300])
+
+
+def _failing(mode: str = "event"):
+    settings = Settings.from_env({})
+    rt = FakeRuntime(settings)
+    rt.fake.fail_at, rt.fake.fail_mode = 1, mode
+    app = create_app(settings, runtime=rt)
+    app.testing = True
+    return app.test_client(), rt
+
+
+def test_engine_failure_ends_only_that_request_in_each_shape():
+    for mode in ("event", "raise"):
+        c, rt = _failing(mode)
+        words = "CUDA out of memory" if mode == "event" else "internal error (RuntimeError)"
+        err = oai_error(c.post("/v1/responses", json={"input": "Say hello"}), 424)
+        assert words in err["message"] and "SECRET" not in err["message"], err
+        raw = c.post("/v1/responses", json={"input": "Say hello", "stream": True}).data
+        assert words.encode() in raw and b"SECRET" not in raw
+        events = named_events(raw)
+        assert [k for k, _ in events][-2:] == ["error", "response.failed"], events
+        assert events[-1][1]["response"]["status"] == "failed"
+        r = c.post("/v1/messages", json={"max_tokens": 5, "messages": [{"role": "user", "content": "Say hello"}]})
+        assert r.status_code == 424 and r.json["error"]["type"] == "api_error", r.json
+        assert words in r.json["error"]["message"] and "SECRET" not in r.text
+        raw = c.post("/v1/messages", json={"max_tokens": 5, "stream": True, "messages": [
+            {"role": "user", "content": "Say hello"}]}).data
+        assert words.encode() in raw and b"SECRET" not in raw
+        events = named_events(raw)
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "api_error", events
+        assert len(rt.fake.handles) == 4
+        # A failed response is not stored.
+        assert len(rt.ctx.store) == 0
