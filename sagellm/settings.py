@@ -59,6 +59,8 @@ class Settings:
     request_timeout_s: float | None = None
     return_full_text: bool = True
     api_key: str | None = field(default=None, repr=False)
+    responses_store_size: int = 1000
+    responses_store_ttl_s: float = 3600.0
     cuda_memory_fraction: float = 0.9
     kv_cache_memory_mb: int | None = None
     graceful_termination_timeout: float = 25.0
@@ -245,7 +247,11 @@ VARS: list[Var] = [
     Var("return_full_text", ("RETURN_FULL_TEXT",), "bool", ev.boolean,
         "Native requests return the prompt before the generated text unless they say otherwise"),
     Var("api_key", ("API_KEY",), "str", ev.text,
-        "If set, requests must send it as a bearer token", secret=True),
+        "If set, requests must send it as a bearer token (or, on /v1/messages, as x-api-key)", secret=True),
+    Var("responses_store_size", ("RESPONSES_STORE_SIZE",), "int >= 0", ev.non_negative_int,
+        "Responses API: most stored responses kept in memory for previous_response_id (oldest dropped)"),
+    Var("responses_store_ttl_s", ("RESPONSES_STORE_TTL_S",), "float > 0", ev.positive_float,
+        "Responses API: seconds a stored response is kept"),
     Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION",), "float in (0, 1]", ev.fraction,
         "Share of device memory (on CPU: available RAM) the KV cache may use"),
     Var("kv_cache_memory_mb", ("KV_CACHE_MEMORY_MB",), "int >= 1", ev.positive_int,

@@ -5,6 +5,7 @@ text by a second request (sagellm/api/tools.py)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -57,6 +58,13 @@ class ErrorPart:
 
 
 Part = TextPart | CallsPart | EndPart | ErrorPart
+
+
+def failed_part(exc: Exception) -> ErrorPart:
+    """A stream that raised after its first byte: logged with its traceback; the client reads only
+    the kind of failure (an exception's text may hold internals)."""
+    logging.getLogger("sagellm").error("generation failed mid-stream", exc_info=exc)
+    return ErrorPart(f"internal error ({type(exc).__name__})")
 
 
 def _logprob_entry(ev: TokenEvent) -> LogprobEntry:

@@ -1,11 +1,13 @@
 """What every API handler receives: the settings, the engine (an EngineClient, the only view of
-the engine the API layer has), and how this request's streams are watched."""
+the engine the API layer has), how this request's streams are watched, and the Responses API's
+store (one per server, shared by every request)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sagellm.api.response_store import ResponseStore
 from sagellm.engine.client import EngineClient, RequestStream
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.settings import Settings
@@ -21,6 +23,13 @@ class ServingContext:
     engine: EngineClient
     # The server wraps each of a request's streams so that a client that goes away aborts it.
     watch: Callable[[RequestStream], RequestStream] = _unwatched
+    store: ResponseStore = field(default_factory=ResponseStore)
+
+    @classmethod
+    def serving(cls, settings: Settings, engine: EngineClient) -> ServingContext:
+        """The server's context: the store sized by the settings."""
+        return cls(settings, engine, store=ResponseStore(settings.responses_store_size,
+                                                         settings.responses_store_ttl_s))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         return self.watch(self.engine.submit(prompt_ids, params))

@@ -1,6 +1,6 @@
-"""Errors as clients see them: TGI's or OpenAI's error shape, as a response body or as the last
-event of a stream that fails after its first byte (the status line is gone by then); and the
-wording every route shares."""
+"""Errors as clients see them: TGI's, OpenAI's or Anthropic's error shape, as a response body or
+as the last event of a stream that fails after its first byte (the status line is gone by then);
+which shape a path's clients read; and the wording every route shares."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import MISSING, BaseModel
 
-from sagellm.api.responses import sse
+from sagellm.api.responses import named_sse, sse
 from sagellm.errors import GenerationError, SagellmError, ValidationError
 
-Flavor = Literal["tgi", "openai"]
+Flavor = Literal["tgi", "openai", "anthropic"]
 
 
 class TgiError(BaseModel):
@@ -31,7 +31,37 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorDetail
 
 
-def error_body(exc: SagellmError, flavor: Flavor) -> TgiError | OpenAIError:
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail
+
+
+# Anthropic's error types by HTTP status (its documented list); anything else is an api_error.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def flavor_of_path(path: str) -> Flavor:
+    """The error shape a route's clients read, for routes that do not say (404, 405): Anthropic's
+    under /v1/messages, OpenAI's under the rest of /v1, TGI's elsewhere."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path == "/v1" or path.startswith("/v1/"):
+        return "openai"
+    return "tgi"
+
+
+def error_body(exc: SagellmError, flavor: Flavor) -> TgiError | OpenAIError | AnthropicError:
+    if flavor == "anthropic":
+        return AnthropicError(error=AnthropicErrorDetail(type=_ANTHROPIC_TYPES.get(exc.status, "api_error"),
+                                                         message=exc.message))
     if flavor == "openai":
         return OpenAIError(error=OpenAIErrorDetail(message=exc.message, type=exc.openai_type, param=exc.param,
                                                    code=exc.status))
@@ -42,6 +72,8 @@ def error_event(exc: SagellmError, flavor: Flavor) -> bytes:
     body = error_body(exc, flavor)
     if isinstance(body, OpenAIError):
         body.error.http_status_code = exc.status
+    if isinstance(body, AnthropicError):  # Anthropic's clients read the event's name
+        return named_sse(body)
     return sse(body)
 
 

@@ -1,8 +1,10 @@
 """SageMaker's /invocations: a table of request shapes, matched by the body's keys.
 
-MESSAGES_API_ENABLED=true takes only Messages bodies, false only TGI native bodies; unset, the
-first shape whose key is present wins (inputs -> native, messages -> chat, prompt -> completions).
-A body with "action" asks for introspection instead (sagellm/api/introspect.py).
+MESSAGES_API_ENABLED=true takes only the message APIs' bodies (chat, Anthropic, Responses), false
+only TGI native bodies; unset, the first shape whose key is present wins (inputs -> native,
+anthropic_version -> Anthropic Messages (Bedrock's body, which names its version), messages -> chat,
+prompt -> completions, input -> Responses). A body with "action" asks for introspection instead
+(sagellm/api/introspect.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sagellm.api import chat, completions, tgi
+from sagellm.api import chat, completions, messages, oai_responses, tgi
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import Flavor, invalid
 from sagellm.api.introspect import introspect
@@ -37,22 +39,31 @@ class Shape:
     name: str
     handler: Callable[[ServingContext, dict], JsonResponse | StreamResponse]
     flavor: Flavor  # the error shape its clients read
+    messages_api: bool = True  # taken when MESSAGES_API_ENABLED=true
 
 
 INTROSPECTION = Shape("action", "introspection", introspect, "tgi")
 SHAPES = (
-    Shape("inputs", "TGI native", native, "tgi"),
+    Shape("inputs", "TGI native", native, "tgi", messages_api=False),
+    Shape("anthropic_version", "Anthropic Messages", messages.create, "anthropic"),
     Shape("messages", "Messages (chat completions)", chat.chat, "openai"),
-    Shape("prompt", "completions", completions.completions, "openai"),
+    Shape("prompt", "completions", completions.completions, "openai", messages_api=False),
+    Shape("input", "Responses", oai_responses.create, "openai"),
 )
 
 
 def allowed_shapes(settings: Settings) -> tuple[Shape, ...]:
-    if settings.messages_api_enabled is True:
-        return SHAPES[1:2]
-    if settings.messages_api_enabled is False:
-        return SHAPES[:1]
-    return SHAPES
+    if settings.messages_api_enabled is None:
+        return SHAPES
+    if settings.messages_api_enabled:
+        return tuple(shape for shape in SHAPES if shape.messages_api)
+    return SHAPES[:1]
+
+
+def _default(allowed: tuple[Shape, ...]) -> Shape:
+    """The shape a body that matches none is told about first (and whose error shape it gets): not
+    Anthropic's, which only a body naming anthropic_version asks for."""
+    return next(shape for shape in allowed if shape.flavor != "anthropic")
 
 
 def match(settings: Settings, body) -> Shape | None:
@@ -74,7 +85,7 @@ def invocations(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     wanted = " or ".join(f"`{s.key}` ({s.name})" for s in allowed)
     enabled = ctx.settings.messages_api_enabled
     why = "" if enabled is None else f" (MESSAGES_API_ENABLED={'true' if enabled else 'false'})"
-    raise invalid(f"the body must have {wanted}{why}", allowed[0].key)
+    raise invalid(f"the body must have {wanted}{why}", _default(allowed).key)
 
 
 def flavor_of(settings: Settings, body) -> Flavor:
@@ -82,4 +93,4 @@ def flavor_of(settings: Settings, body) -> Flavor:
     introspection, the shape of the rest of the body), else that of the first shape allowed."""
     rest = {k: v for k, v in body.items() if k != INTROSPECTION.key} if isinstance(body, dict) else None
     shape = match(settings, rest)
-    return (shape or allowed_shapes(settings)[0]).flavor
+    return (shape or _default(allowed_shapes(settings))).flavor

@@ -63,6 +63,11 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json_text(obj).encode() + b"\n\n"
 
 
+def named_sse(obj: Any) -> bytes:
+    """`event: <its type>` before the data line: typed clients (Responses, Anthropic) dispatch on it."""
+    return b"event: " + obj.type.encode() + b"\n" + sse(obj)
+
+
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b":\n\n"
 

@@ -1,5 +1,6 @@
 """The Flask app factory: the runtime (the engine, built in the background), what the routes
-share, one blueprint per API (sagemaker, tgi, openai), the request id, and 404/405 as JSON.
+share, one blueprint per API (sagemaker, tgi, openai, anthropic) and the docs, the request id, and
+404/405 as JSON in the shape of the path's API.
 Handlers live in sagellm.api; the checks every request passes in sagellm.server.checks."""
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import uuid
 
 from flask import Flask, g, request
 
+from sagellm.api.error_shapes import flavor_of_path
 from sagellm.errors import NotFound
-from sagellm.server import routes_openai, routes_sagemaker, routes_tgi
+from sagellm.server import routes_anthropic, routes_docs, routes_openai, routes_sagemaker, routes_tgi
 from sagellm.server.checks import ServerState
 from sagellm.server.http import Admission, error_response
 from sagellm.server.metrics import Metrics
@@ -30,7 +32,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["SAGELLM_RUNTIME"] = runtime  # gunicorn's worker_exit stops it
     app.extensions["sagellm"] = ServerState(settings, runtime, Admission(settings.max_concurrent_requests),
                                             Metrics())
-    for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp):
+    for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp, routes_anthropic.bp, routes_docs.bp):
         app.register_blueprint(blueprint)
     app.before_request(_request_id)
     app.after_request(_stamp_request_id)
@@ -49,10 +51,10 @@ def _stamp_request_id(resp):
 
 
 def _not_found(_):
-    return error_response(NotFound(f"no route {request.method} {request.path}"), "tgi")
+    return error_response(NotFound(f"no route {request.method} {request.path}"), flavor_of_path(request.path))
 
 
 def _bad_method(_):
     exc = NotFound(f"method {request.method} is not allowed on {request.path}")
     exc.status = 405
-    return error_response(exc, "tgi")
+    return error_response(exc, flavor_of_path(request.path))

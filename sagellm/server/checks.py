@@ -47,7 +47,7 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
     t0, path, request_id = time.monotonic(), request.path, g.request_id  # a stream outlives the request
     admitted = False
     try:
-        _authorize(st.settings)
+        _authorize(st.settings, flavor)
         body = raw_body(st.settings.payload_limit) if raw else json_body(st.settings.payload_limit)
         flavor = flavor or invocations.flavor_of(st.settings, body)
         if st.settings.log_prompts:
@@ -77,6 +77,16 @@ def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor =
         return error_response(exc, flavor)
 
 
+def authorized(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor) -> Response:
+    """A route that reads or changes what requests stored (GET/DELETE /v1/responses/{id}): the API
+    key and readiness, no body, no admission slot."""
+    try:
+        _authorize(state().settings, flavor)
+        return to_flask(fn(_ready(state().runtime)), lambda: None)
+    except SagellmError as exc:
+        return error_response(exc, flavor)
+
+
 def health() -> Response:
     """/ping (and TGI's /health): 200 with no body while the engine is healthy, else 503."""
     ok, why = state().runtime.healthy()
@@ -86,11 +96,14 @@ def health() -> Response:
     return to_flask(JsonResponse(body, status=503), lambda: None)
 
 
-def _authorize(settings: Settings) -> None:
+def _authorize(settings: Settings, flavor: Flavor | None = None) -> None:
     if settings.api_key:
+        if flavor == "anthropic" and request.headers.get("x-api-key") == settings.api_key:
+            return  # Anthropic's clients send the key this way
         auth = request.headers.get("Authorization", "")
         if auth.lower() != f"bearer {settings.api_key}".lower():
-            raise Unauthorized("missing or wrong `Authorization: Bearer` API key")
+            header = "`x-api-key` or `Authorization: Bearer`" if flavor == "anthropic" else "`Authorization: Bearer`"
+            raise Unauthorized(f"missing or wrong {header} API key")
 
 
 def _ready(runtime) -> ServingContext:

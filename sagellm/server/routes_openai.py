@@ -1,12 +1,13 @@
-"""The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models, /v1/responses (and a
+stored response by id)."""
 
 from __future__ import annotations
 
 from flask import Blueprint
 
-from sagellm.api import chat, completions
+from sagellm.api import chat, completions, oai_responses
 from sagellm.api import info as info_api
-from sagellm.server.checks import generation, informational
+from sagellm.server.checks import authorized, generation, informational
 
 bp = Blueprint("openai", __name__)
 
@@ -24,3 +25,18 @@ def text_completions():
 @bp.get("/v1/models")
 def models():
     return informational(info_api.models, "openai")
+
+
+@bp.post("/v1/responses")
+def responses_create():
+    return generation(oai_responses.create, "openai")
+
+
+@bp.get("/v1/responses/<response_id>")
+def responses_get(response_id: str):
+    return authorized(lambda ctx: oai_responses.retrieve(ctx, response_id), "openai")
+
+
+@bp.delete("/v1/responses/<response_id>")
+def responses_delete(response_id: str):
+    return authorized(lambda ctx: oai_responses.delete(ctx, response_id), "openai")

@@ -58,7 +58,7 @@ class Runtime:
         from sagellm.server.handlers import Handlers
 
         self.engine = build_engine(self.settings)
-        self.ctx = ServingContext(self.settings, self.engine)
+        self.ctx = ServingContext.serving(self.settings, self.engine)
         self.handlers = Handlers(self.settings.model_dir, self.ctx)
         threading.Thread(target=self._watch_engine, name="sagellm-watch", daemon=True).start()
 

@@ -123,7 +123,7 @@ class FakeClient(EngineClient):
 
 
 def make_ctx(settings: Settings, engine, compile_grammar=None) -> ServingContext:
-    return ServingContext(settings, FakeClient(engine, compile_grammar))
+    return ServingContext.serving(settings, FakeClient(engine, compile_grammar))
 
 
 class FakeRuntime:

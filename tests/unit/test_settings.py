@@ -47,6 +47,8 @@ SAMPLES = {
     "request_timeout_s": ("2.5", 2.5),
     "return_full_text": ("false", False),
     "api_key": ("secret-key-123", "secret-key-123"),
+    "responses_store_size": ("0", 0),
+    "responses_store_ttl_s": ("60", 60.0),
     "cuda_memory_fraction": ("0.5", 0.5),
     "kv_cache_memory_mb": ("512", 512),
     "graceful_termination_timeout": ("0", 0.0),
