@@ -44,7 +44,7 @@ def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
             tp.shutdown(timeout=1)
         raise
     info = ModelInfo(model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
-                     dtype=str(lm.dtype).replace("torch.", ""))
+                     dtype=str(lm.dtype).replace("torch.", ""), vocab_size=_vocab_size(lm))
     return SagellmEngineClient(engine, model=info, limits=limits, tokenizer=lm.tokenizer, chat=lm.chat,
                                grammars=_grammars(settings, lm), watchdog_timeout_s=settings.watchdog_timeout_s,
                                tp_group=tp)
@@ -69,9 +69,13 @@ def _grammars(settings: Settings, lm: LoadedModel):
         return None
     from sagellm.engine.constraint import GrammarCompiler
 
+    return GrammarCompiler(lm.tokenizer, _vocab_size(lm), lm.eos_token_ids, timeout_s=settings.grammar_compile_timeout_s)
+
+
+def _vocab_size(lm: LoadedModel) -> int:
+    """The width of the model's logits (may exceed the tokenizer's length: padded embeddings)."""
     config = lm.model.config
-    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
-    return GrammarCompiler(lm.tokenizer, vocab, lm.eos_token_ids, timeout_s=settings.grammar_compile_timeout_s)
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
 
 
 def _warm_up(engine: LLMEngine, lm: LoadedModel) -> None:

@@ -34,6 +34,7 @@ class ModelInfo:
     served_name: str  # what clients see as `model`
     device: str  # "cpu" or "cuda"
     dtype: str  # "bfloat16", "float32", ...
+    vocab_size: int | None = None  # width of the logits: token ids a request may name (logit_bias)
 
 
 @dataclass(frozen=True)
