@@ -267,16 +267,11 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _BY_FIELD = {var.field: var for var in VARS}
 
 
-def _mask(secret: str) -> str:
-    # Four characters tell tokens apart; a short secret shows none, as four would be most of it.
-    return secret[:4] + "***" if len(secret) > 8 else "***"
-
-
 def _show(var: Var, value: Any) -> str:
     if value is None:
         return "(unset)"
-    if var.secret:
-        return _mask(value)
+    if var.secret:  # set or not, and not one character of it (a prefix narrows the search)
+        return "***"
     if var.field == "num_shard" and value == -1:
         return "max"
     if isinstance(value, Mapping):

@@ -10,7 +10,7 @@ import uuid
 from flask import Flask, g, request
 
 from sagellm.errors import NotFound
-from sagellm.server import routes_openai, routes_sagemaker, routes_tgi
+from sagellm.server import checks, routes_openai, routes_sagemaker, routes_tgi
 from sagellm.server.checks import ServerState
 from sagellm.server.http import Admission, error_response
 from sagellm.server.metrics import Metrics
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp):
         app.register_blueprint(blueprint)
     app.before_request(_request_id)
+    app.before_request(checks.authorize)
     app.after_request(_stamp_request_id)
     app.register_error_handler(404, _not_found)
     app.register_error_handler(405, _bad_method)

@@ -5,6 +5,7 @@ or OpenAI's shape. Routes (the blueprints) only name the handler and its clients
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -47,7 +48,6 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
     t0, path, request_id = time.monotonic(), request.path, g.request_id  # a stream outlives the request
     admitted = False
     try:
-        _authorize(st.settings)
         body = raw_body(st.settings.payload_limit) if raw else json_body(st.settings.payload_limit)
         flavor = flavor or invocations.flavor_of(st.settings, body)
         if st.settings.log_prompts:
@@ -75,6 +75,10 @@ def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor =
         return to_flask(fn(_ready(state().runtime)), lambda: None)
     except SagellmError as exc:
         return error_response(exc, flavor)
+    except Exception as exc:  # our bug: log it, answer JSON without the traceback
+        log.exception("unhandled error on %s", request.path)
+        return error_response(SagellmError(f"internal error ({type(exc).__name__}); request id {g.request_id}"),
+                              flavor)
 
 
 def health() -> Response:
@@ -86,11 +90,22 @@ def health() -> Response:
     return to_flask(JsonResponse(body, status=503), lambda: None)
 
 
-def _authorize(settings: Settings) -> None:
-    if settings.api_key:
-        auth = request.headers.get("Authorization", "")
-        if auth.lower() != f"bearer {settings.api_key}".lower():
-            raise Unauthorized("missing or wrong `Authorization: Bearer` API key")
+# SageMaker's health check sends no key; every other route needs it when API_KEY is set.
+OPEN_ENDPOINTS = frozenset({"sagemaker.ping", "tgi.health"})
+
+
+def authorize() -> Response | None:
+    """Before every request: with API_KEY set, `Authorization: Bearer <key>` or a 401."""
+    settings = state().settings
+    if not settings.api_key or request.endpoint in OPEN_ENDPOINTS or request.endpoint is None:
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    # Only the scheme ignores case; the key is compared exactly, in constant time.
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                          settings.api_key.encode("utf-8")):
+        return None
+    flavor: Flavor = "openai" if request.path.startswith("/v1/") else "tgi"
+    return error_response(Unauthorized("missing or wrong `Authorization: Bearer` API key"), flavor)
 
 
 def _ready(runtime) -> ServingContext:
@@ -127,7 +142,8 @@ def _refuse(st: ServerState, exc: Exception, flavor: Flavor, path: str, t0: floa
         return error_response(GenerationError(f"internal error ({type(exc).__name__}); request id {request_id}"),
                               flavor)
     st.metrics.failure.labels(err=exc.error_type).inc()
-    _log(path, exc.status, t0, request_id, error=exc.message)
+    # The class and the field, never the message: it may quote the request (LOG_PROMPTS is for that).
+    _log(path, exc.status, t0, request_id, error=type(exc).__name__, param=exc.param)
     return error_response(exc, flavor)
 
 
