@@ -55,9 +55,11 @@ def test_every_route_needs_the_exact_key(keyed, method, path, body):
         assert r.status_code == 200, (right, r.status_code, r.text[:300])
 
 
-@pytest.mark.parametrize("path", ["/ping", "/health"])
-def test_health_checks_need_no_key(keyed, path):
-    assert requests.get(keyed.url + path, timeout=10).status_code == 200
+def test_only_the_health_checks_need_no_key(keyed):
+    for path in ("/ping", "/health"):  # SageMaker's health check sends no key
+        assert requests.get(keyed.url + path, timeout=10).status_code == 200, path
+    for path in ("/info", "/v1/models", "/metrics"):
+        assert requests.get(keyed.url + path, timeout=10).status_code == 401, path
 
 
 BAD_WITH_TEXT = [  # bodies whose validation error quotes user text back to the client

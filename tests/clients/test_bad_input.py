@@ -4,6 +4,7 @@ refuses itself (raw sockets), a body over PAYLOAD_LIMIT, and a bounded fuzz over
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -40,9 +41,7 @@ def test_lone_surrogate_is_400(server, path, flavor):
     msg = error_message(_post_text(server.url, path, text), 400, flavor)
     assert "surrogate" in msg, msg
     ping_ok(server.url)
-
-
-def test_surrogate_pairs_are_text(server):
+    # A surrogate pair is one character, not an error.
     r = _post_text(server.url, "/tokenize", '{"inputs": "smile \\ud83d\\ude00"}')
     assert r.status_code == 200, r.text
     assert "".join(t["text"] for t in r.json()).endswith("\U0001F600")
@@ -54,9 +53,7 @@ def test_tokenize_is_bounded_by_max_input_tokens(server):
     assert "MAX_INPUT_TOKENS" in msg and str(limit) in msg, msg
     r = post_url(server.url, "/tokenize", {"inputs": "hello " * (limit + 10), "parameters": {"truncate": 5}})
     assert r.status_code == 200 and len(r.json()) == 5, r.text
-
-
-def test_tokenize_byte_offsets(server):
+    # Byte offsets of multi-byte text, computed in one pass.
     r = post_url(server.url, "/tokenize", {"inputs": "héllo wörld"})
     assert r.status_code == 200, r.text
     raw = "héllo wörld".encode()
@@ -75,12 +72,13 @@ def test_unknown_chat_role_is_422(server, role):
 
 
 def test_developer_role_is_the_system_message(server):
-    def ask(role):
+    def prompt(role):
         messages = [{"role": role, "content": "Answer in French."}, {"role": "user", "content": "Say hi."}]
-        r = post_url(server.url, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})
+        r = post_url(server.url, "/invocations", {"action": "apply_chat_template", "messages": messages})
         assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["message"]["content"]
-    assert ask("developer") == ask("system")
+        return r.json()["prompt"]
+    assert prompt("developer") == prompt("system")
+    assert "developer" not in prompt("developer")
 
 
 # ---- what gunicorn refuses before the app sees it, over a raw socket ----
@@ -113,12 +111,22 @@ def test_gunicorn_refusals_are_json(server, data, status):
     ping_ok(server.url)
 
 
-def test_body_over_payload_limit_gets_its_413(server):
-    limit = 8_000_000  # PAYLOAD_LIMIT's default: a body this large fills the socket buffers
-    r = requests.post(server.url + "/generate", data=b"x" * (limit + 1_000_000), timeout=TIMEOUT,
-                      headers={"Content-Type": "application/json"})
-    msg = tgi_error(r, 413)
-    assert "PAYLOAD_LIMIT" in msg, msg
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_body_over_payload_limit_gets_its_413(server, connection):
+    """http.client (under urllib, boto3's and many SDKs' transports) sends the whole body before
+    reading the answer: when the server closes without reading the body (Connection: close), the
+    send fails with a reset and the 413 is never read."""
+    body = b"x" * (8_000_000 + 24_000_000)  # over PAYLOAD_LIMIT's default, and over the socket buffers
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    try:
+        conn.request("POST", "/generate", body=body, headers={"Content-Type": "application/json",
+                                                               "Connection": connection})
+        r = conn.getresponse()
+        status, ctype, payload = r.status, r.getheader("Content-Type"), r.read()
+    finally:
+        conn.close()
+    assert status == 413 and ctype == "application/json", (status, ctype, payload[:300])
+    assert "PAYLOAD_LIMIT" in json.loads(payload)["error"], payload
     ping_ok(server.url)
 
 
@@ -141,7 +149,8 @@ VALID = {
 }
 ODD = [None, True, False, 0, -1, 1, 2**63, -2**63, 1e308, -1e-45, 0.5, float("nan"), float("inf"),
        float("-inf"), "", "x", "²", "\u0000", "\U0001F600", "a" * 300, [], [1], {}, {"a": 1},
-       {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}, [[[[[]]]]], "-1", "1e9"]
+       {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}, [[[[[]]]]], "-1", "1e9", "\ud800",
+       {"60000": 1}, {"²": 1}, [[[[[[[[[[[[1]]]]]]]]]]]]]
 CASES = int(os.environ.get("SAGELLM_FUZZ_CASES", "2000"))  # fewer on a loaded machine
 
 
@@ -205,7 +214,8 @@ def test_fuzz_every_route(server):
                          timeout=TIMEOUT)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         case = f"case {i}: POST {path} {data[:300]!r} -> {r.status_code} {r.text[:300]!r}"
-        assert 200 <= r.status_code < 300 or 400 <= r.status_code < 500, case
+        # 424 is a request that passed validation and failed in the engine: the edge missed it.
+        assert 200 <= r.status_code < 300 or (400 <= r.status_code < 500 and r.status_code != 424), case
         if r.status_code >= 400:
             assert r.headers.get("content-type", "").startswith("application/json"), case
             assert "error" in r.json(), case
