@@ -69,7 +69,8 @@ def _grammars(settings: Settings, lm: LoadedModel):
         return None
     from sagellm.engine.constraint import GrammarCompiler
 
-    return GrammarCompiler(lm.tokenizer, _vocab_size(lm), lm.eos_token_ids, timeout_s=settings.grammar_compile_timeout_s)
+    return GrammarCompiler(lm.tokenizer, _vocab_size(lm), lm.eos_token_ids,
+                           timeout_s=settings.grammar_compile_timeout_s)
 
 
 def _vocab_size(lm: LoadedModel) -> int:
