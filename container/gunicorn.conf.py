@@ -13,7 +13,8 @@ _s = Settings.from_env()
 
 bind = [f"{_s.bind_host}:{_s.port}"]
 workers = 1
-worker_class = "gthread"
+# gunicorn's gthread worker, answering the requests it refuses itself in JSON (sagellm/server/worker.py).
+worker_class = "sagellm.server.worker.JsonErrorWorker"
 # Enough threads for every admitted request plus headroom for /ping and refusals (429).
 threads = _s.worker_threads or _s.max_concurrent_requests + 8
 # Generation can take minutes; the engine watchdog, not gunicorn, decides when a worker is stuck.

@@ -247,7 +247,8 @@ VARS: list[Var] = [
     Var("return_full_text", ("RETURN_FULL_TEXT",), "bool", ev.boolean,
         "Native requests return the prompt before the generated text unless they say otherwise"),
     Var("api_key", ("API_KEY",), "str", ev.text,
-        "If set, requests must send it as a bearer token (or, on /v1/messages, as x-api-key)", secret=True),
+        "If set, every route but /ping and /health needs `Authorization: Bearer <key>` (the key exact; "
+        "on /v1/messages also x-api-key)", secret=True),
     Var("responses_store_size", ("RESPONSES_STORE_SIZE",), "int >= 0", ev.non_negative_int,
         "Responses API: most stored responses kept in memory for previous_response_id (oldest dropped)"),
     Var("responses_store_ttl_s", ("RESPONSES_STORE_TTL_S",), "float > 0", ev.positive_float,
@@ -273,16 +274,11 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _BY_FIELD = {var.field: var for var in VARS}
 
 
-def _mask(secret: str) -> str:
-    # Four characters tell tokens apart; a short secret shows none, as four would be most of it.
-    return secret[:4] + "***" if len(secret) > 8 else "***"
-
-
 def _show(var: Var, value: Any) -> str:
     if value is None:
         return "(unset)"
-    if var.secret:
-        return _mask(value)
+    if var.secret:  # set or not, and not one character of it (a prefix narrows the search)
+        return "***"
     if var.field == "num_shard" and value == -1:
         return "max"
     if isinstance(value, Mapping):

@@ -26,7 +26,13 @@ from sagellm.api.submit import submit_n
 from sagellm.api.tools import plan_tools, tool_error
 
 
-def _flatten(msg, ctx: ServingContext) -> dict:
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _flatten(i: int, msg, ctx: ServingContext) -> dict:
+    if msg.role not in ROLES:  # a template would render it, or drop it, silently
+        raise invalid(f"`messages[{i}].role` must be one of {list(ROLES)}. Given: {msg.role!r}",
+                      f"messages[{i}].role")
     content = msg.content
     if isinstance(content, list):
         texts = []
@@ -36,7 +42,9 @@ def _flatten(msg, ctx: ServingContext) -> dict:
                               "text-only model; send text parts", "messages")
             texts.append(part.text)
         content = "".join(texts)
-    out = {"role": msg.role, "content": content if content is not None else ""}
+    # OpenAI's newer name for the system message; chat templates know only "system".
+    role = "system" if msg.role == "developer" else msg.role
+    out = {"role": role, "content": content if content is not None else ""}
     if msg.tool_calls:
         if ctx.engine.template_shows_tools:
             out["tool_calls"] = msg.tool_calls
@@ -75,7 +83,7 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
         raise tool_error("`tools` and `response_format` cannot be combined in one request; "
                          "describe the answer's shape in a tool's parameters instead", "response_format")
     grammar = grammar_for(ctx, req.response_format, "response_format")
-    messages = [_flatten(m, ctx) for m in req.messages]
+    messages = [_flatten(i, m, ctx) for i, m in enumerate(req.messages)]
     cont = req.continue_final_message if req.continue_final_message is not None else messages[-1]["role"] == "assistant"
 
     def render(msgs, with_tools: bool) -> tuple[str, list[int]]:

@@ -3,6 +3,7 @@ parameters (tgi.py) and the OpenAI fields of chat and completions requests."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from sagellm.api.context import ServingContext
@@ -11,15 +12,28 @@ from sagellm.api.protocol import OpenAISampling
 from sagellm.engine.sampling_params import SamplingParams
 
 
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# A temperature this small is greedy decoding (vLLM's threshold too): dividing by it overflows.
+GREEDY_TEMPERATURE = 1e-5
+
+
 def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, repetition_penalty,
                  frequency_penalty, presence_penalty, stop: list[str], seed, max_new_name: str,
                  max_new_tokens, zero_ok: bool = False) -> None:
     """zero_ok: max_new_tokens 0 is allowed (completions with echo: score the prompt only)."""
     s = ctx.settings
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("typical_p", typical_p),
+                        ("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty)):
+        if value is not None and not math.isfinite(value):
+            raise invalid(f"`{name}` must be a finite number. Given: {value}", name)
     if temperature is not None and temperature < 0:
         raise invalid("`temperature` must be >= 0", "temperature")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise invalid("`repetition_penalty` must be strictly positive", "repetition_penalty")
+    # Dividing logits by a penalty near 0 overflows them to inf (then NaN probabilities); past
+    # these bounds a penalty has long stopped changing which token wins.
+    if repetition_penalty is not None and not MIN_REPETITION_PENALTY <= repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise invalid(f"`repetition_penalty` must be >= {MIN_REPETITION_PENALTY} and <= {MAX_REPETITION_PENALTY}. "
+                      f"Given: {repetition_penalty}", "repetition_penalty")
     for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
         if value is not None and not -2.0 <= value <= 2.0:
             raise invalid(f"`{name}` must be >= -2.0 and <= 2.0. Given: {value}", name)
@@ -65,7 +79,7 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        temperature=temperature if temperature not in (None, 0) else 1.0,
+        temperature=temperature if temperature is not None and temperature >= GREEDY_TEMPERATURE else 1.0,
         top_k=top_k if top_k and top_k > 0 else 0,
         top_p=top_p if top_p is not None else 1.0,
         typical_p=typical_p if typical_p is not None else 1.0,
@@ -99,20 +113,29 @@ def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inp
                  max_new_tokens=requested, zero_ok=zero_ok)
     if req.min_tokens is not None and req.min_tokens < 0:
         raise invalid(f"`min_tokens` must be >= 0. Given: {req.min_tokens}", "min_tokens")
-    bias = []
-    for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < 2**31:
-            raise invalid(f"`logit_bias` keys must be token ids. Given: {key!r}", "logit_bias")
-        if not -100 <= value <= 100:
-            raise invalid(f"`logit_bias` values must be >= -100 and <= 100. Given: {value}", "logit_bias")
-        bias.append((int(key), float(value)))
+    bias = logit_bias(ctx, req.logit_bias)
     max_new = resolve_max_new(ctx, prompt_len, requested, inputs_name=inputs_name, max_new_name=name)
-    return build_params(ctx, max_new_tokens=max_new, do_sample=req.temperature != 0,
+    greedy = req.temperature is not None and req.temperature < GREEDY_TEMPERATURE
+    return build_params(ctx, max_new_tokens=max_new, do_sample=not greedy,
                         temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                         repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                         presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, logit_bias=bias,
                         min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n,
                         logprobs=logprobs)
+
+
+def logit_bias(ctx: ServingContext, given: dict[str, float] | None) -> list[tuple[int, float]]:
+    """OpenAI's {"token id": bias}: ids as plain ASCII digits, inside the model's vocabulary."""
+    vocab = ctx.engine.model.vocab_size or 2**31
+    bias = []
+    for key, value in (given or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
+            raise invalid(f"`logit_bias` keys must be token ids >= 0 and < {vocab} (the vocabulary size). "
+                          f"Given: {key!r}", "logit_bias")
+        if not -100 <= value <= 100:
+            raise invalid(f"`logit_bias` values must be >= -100 and <= 100. Given: {value}", "logit_bias")
+        bias.append((int(key), float(value)))
+    return bias
 
 
 def check_n(ctx: ServingContext, n: int | None) -> int:

@@ -13,7 +13,7 @@ from sagellm.api.protocol import GenerateParameters, GenerateRequest
 from sagellm.api.protocol_tgi import (BestOfSequence, Details, GenerateResponse, PrefillToken, StreamChunk,
                                       StreamDetails, Token, TokenizedToken)
 from sagellm.api.responses import SSE_HEADERS, JsonResponse, StreamResponse, event_stream, sse
-from sagellm.api.sampling import build_params, check_common, resolve_max_new
+from sagellm.api.sampling import GREEDY_TEMPERATURE, build_params, check_common, resolve_max_new
 from sagellm.api.structured import grammar_for
 from sagellm.api.submit import collect, submit_n
 from sagellm.engine.events import FinishReason, TokenEvent
@@ -41,7 +41,7 @@ def _best_of(ctx: ServingContext, p: GenerateParameters, stream: bool) -> int:
         raise invalid(f"`best_of` must be > 0 and <= {limit}. Given: {n} (MAX_BEST_OF={limit})", "best_of")
     # TGI counts any warper field as asking for sampling, even next to do_sample=false.
     sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
-    if not sampling or p.temperature == 0:
+    if not sampling or (p.temperature is not None and p.temperature < GREEDY_TEMPERATURE):
         raise invalid("you must use sampling when `best_of` is > 1", "best_of")
     return n
 
@@ -75,7 +75,7 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
     warper = ((p.temperature is not None and p.temperature != 1.0) or bool(p.top_k and p.top_k > 0)
               or (p.top_p is not None and p.top_p < 1.0) or (p.typical_p is not None and p.typical_p < 1.0))
     do_sample = p.do_sample if p.do_sample is not None else (not has_parameters or warper)
-    if p.temperature == 0:
+    if p.temperature is not None and p.temperature < GREEDY_TEMPERATURE:
         do_sample = False  # temperature 0 means greedy everywhere (TGI would refuse it)
     params = build_params(ctx, max_new_tokens=max_new, do_sample=do_sample or best_of > 1,
                           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
@@ -190,8 +190,31 @@ def tokenize(ctx: ServingContext, body) -> JsonResponse:
     if not req.inputs:
         raise invalid("`inputs` cannot be empty", "inputs")
     raw = req.inputs
-    out = [TokenizedToken(id=tid, text=raw[start:end], start=len(raw[:start].encode()), stop=len(raw[:end].encode()))
-           for tid, start, end in ctx.engine.tokenize_with_offsets(raw)]
-    if req.parameters and req.parameters.truncate:
-        out = out[-req.parameters.truncate:]
-    return JsonResponse(out)
+    spans = ctx.engine.tokenize_with_offsets(raw)
+    truncate = req.parameters.truncate if req.parameters else None
+    limit = ctx.engine.limits.max_input_tokens
+    if truncate is not None and not 0 < truncate <= limit:
+        raise invalid(f"`truncate` must be strictly positive and less than {limit}. Given: {truncate}", "truncate")
+    if truncate:
+        spans = spans[-truncate:]
+    elif len(spans) > limit:  # bounded like a prompt: the answer is ~10 bytes of JSON per character
+        raise invalid(f"`inputs` must have less than {limit + 1} tokens. Given: {len(spans)} "
+                      f"(MAX_INPUT_TOKENS={limit})", "inputs")
+    to_byte = _byte_offsets(raw)
+    return JsonResponse([TokenizedToken(id=tid, text=raw[start:end], start=to_byte(start), stop=to_byte(end))
+                         for tid, start, end in spans])
+
+
+def _byte_offsets(text: str):
+    """Character offset -> UTF-8 byte offset, in one pass for offsets that rise (a token's)."""
+    if text.isascii():
+        return lambda i: i
+    at = [0, 0]  # the last (character, byte) offset
+
+    def to_byte(i: int) -> int:
+        if i < at[0]:
+            at[0] = at[1] = 0
+        at[1] += len(text[at[0]:i].encode())
+        at[0] = i
+        return at[1]
+    return to_byte

@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 import torch
 
+from sagellm.engine.schema_check import admits_finite_document
 from sagellm.errors import ValidationError
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
@@ -146,6 +147,9 @@ class GrammarCompiler:
                     raise GrammarError(f"`{param}` is not valid JSON: {exc}", param=param) from None
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError(f"`{param}` must be a JSON schema object", param=param)
+            if not admits_finite_document(schema):
+                raise GrammarError(f"`{param}` admits no finite JSON document: a required property "
+                                   "refers back to a schema that contains it ($ref cycle)", param=param)
             try:
                 return LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
             except ValueError as exc:

@@ -165,9 +165,8 @@ class LLMEngine:
                 n = len(sampling)
                 if prompt_rows:
                     self._keep_prompt_logprobs(logits[n:].float(), prompt_rows)
-                samples = (plain_greedy(logits[:n], sampling, self.eos_token_ids, self.runner.kernels)
-                           or sample(logits[:n].float(), sampling, self.eos_token_ids))
-        except Exception as exc:  # one bad step fails its requests, not the server
+                samples, failed = self._sample(logits[:n], sampling)
+        except Exception as exc:  # the forward pass failed: every request in it fails, not the server
             log.exception("engine step failed")
             for seq in batch.decodes + [s for s, _ in batch.prefills]:
                 self._fail(seq, f"{type(exc).__name__}: {exc}")
@@ -175,14 +174,48 @@ class LLMEngine:
         t3 = time.perf_counter()
         phases["sample"] += t3 - t2
         self.scheduler.register_computed(batch.decodes + [s for s, _ in batch.prefills])
+        for seq, message in failed:
+            self._fail(seq, message)
         for seq, s in zip(sampling, samples):
-            if seq.params.max_new_tokens == 0:  # scored the prompt; its sample is not wanted
-                self._finish_scored(seq)
-            else:
-                self._append_token(seq, s)
+            if s is None:
+                continue
+            try:  # the grammar's matcher, the detokenizer or a stop rule raising ends this request only
+                if seq.params.max_new_tokens == 0:  # scored the prompt; its sample is not wanted
+                    self._finish_scored(seq)
+                else:
+                    self._append_token(seq, s)
+            except Exception as exc:
+                log.exception("request %s failed after sampling", seq.request_id)
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
         phases["output"] += time.perf_counter() - t3
         self.num_steps += 1
         self.last_progress = time.monotonic()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
+                ) -> tuple[list[Sample | None], list[tuple[Sequence, str]]]:
+        """logits: [N, vocab] in the model's dtype, one row per sequence (left unchanged but for
+        banned EOS). One Sample per row, None for a row whose sampling raised; those rows are
+        returned with the error to fail them alone. When the batch raises, each row is sampled
+        again on its own, from the same logits and generator state, so the others' tokens are
+        the ones they would have drawn anyway."""
+        states = [seq.generator.get_state() if seq.generator is not None else None for seq in seqs]
+        try:
+            # A float32 copy even of float32 logits: the sampler writes penalties into its rows.
+            return (plain_greedy(logits, seqs, self.eos_token_ids, self.runner.kernels)
+                    or sample(logits.to(torch.float32, copy=True), seqs, self.eos_token_ids)), []
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        samples: list[Sample | None] = []
+        failed = []
+        for i, seq in enumerate(seqs):
+            if states[i] is not None:
+                seq.generator.set_state(states[i])
+            try:
+                samples.append(sample(logits[i:i + 1].to(torch.float32, copy=True), [seq], self.eos_token_ids)[0])
+            except Exception as exc:
+                samples.append(None)
+                failed.append((seq, f"sampling failed: {type(exc).__name__}: {exc}"))
+        return samples, failed
 
     def _keep_prompt_logprobs(self, logits: torch.Tensor, rows: list[PromptLogprobRows]) -> None:
         """logits: [R, vocab] float32, R = sum of rows' counts. Stored by position, so the same

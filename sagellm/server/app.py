@@ -12,7 +12,7 @@ from flask import Flask, g, request
 
 from sagellm.api.error_shapes import flavor_of_path
 from sagellm.errors import NotFound
-from sagellm.server import routes_anthropic, routes_docs, routes_openai, routes_sagemaker, routes_tgi
+from sagellm.server import checks, routes_anthropic, routes_docs, routes_openai, routes_sagemaker, routes_tgi
 from sagellm.server.checks import ServerState
 from sagellm.server.http import Admission, error_response
 from sagellm.server.metrics import Metrics
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp, routes_anthropic.bp, routes_docs.bp):
         app.register_blueprint(blueprint)
     app.before_request(_request_id)
+    app.before_request(checks.authorize)
     app.after_request(_stamp_request_id)
     app.register_error_handler(404, _not_found)
     app.register_error_handler(405, _bad_method)

@@ -5,6 +5,7 @@ or OpenAI's shape. Routes (the blueprints) only name the handler and its clients
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from flask import Response, current_app, g, request
 
 from sagellm.api import invocations
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import Flavor
+from sagellm.api.error_shapes import Flavor, flavor_of_path
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
 from sagellm.errors import GenerationError, Overloaded, SagellmError, Unauthorized, Unavailable
 from sagellm.server.http import Admission, WatchedStream, error_response, json_body, raw_body, to_flask
@@ -47,7 +48,6 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
     t0, path, request_id = time.monotonic(), request.path, g.request_id  # a stream outlives the request
     admitted = False
     try:
-        _authorize(st.settings, flavor)
         body = raw_body(st.settings.payload_limit) if raw else json_body(st.settings.payload_limit)
         flavor = flavor or invocations.flavor_of(st.settings, body)
         if st.settings.log_prompts:
@@ -75,13 +75,16 @@ def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor =
         return to_flask(fn(_ready(state().runtime)), lambda: None)
     except SagellmError as exc:
         return error_response(exc, flavor)
+    except Exception as exc:  # our bug: log it, answer JSON without the traceback
+        log.exception("unhandled error on %s", request.path)
+        return error_response(SagellmError(f"internal error ({type(exc).__name__}); request id {g.request_id}"),
+                              flavor)
 
 
 def authorized(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor) -> Response:
-    """A route that reads or changes what requests stored (GET/DELETE /v1/responses/{id}): the API
-    key and readiness, no body, no admission slot."""
+    """A route that reads or changes what requests stored (GET/DELETE /v1/responses/{id}): readiness
+    (the API key was checked before the request), no body, no admission slot."""
     try:
-        _authorize(state().settings, flavor)
         return to_flask(fn(_ready(state().runtime)), lambda: None)
     except SagellmError as exc:
         return error_response(exc, flavor)
@@ -96,14 +99,30 @@ def health() -> Response:
     return to_flask(JsonResponse(body, status=503), lambda: None)
 
 
-def _authorize(settings: Settings, flavor: Flavor | None = None) -> None:
-    if settings.api_key:
-        if flavor == "anthropic" and request.headers.get("x-api-key") == settings.api_key:
-            return  # Anthropic's clients send the key this way
-        auth = request.headers.get("Authorization", "")
-        if auth.lower() != f"bearer {settings.api_key}".lower():
-            header = "`x-api-key` or `Authorization: Bearer`" if flavor == "anthropic" else "`Authorization: Bearer`"
-            raise Unauthorized(f"missing or wrong {header} API key")
+# SageMaker's health check sends no key; every other route needs it when API_KEY is set.
+OPEN_ENDPOINTS = frozenset({"sagemaker.ping", "tgi.health"})
+
+
+def authorize() -> Response | None:
+    """Before every request: with API_KEY set, `Authorization: Bearer <key>` (or, on Anthropic's
+    routes, `x-api-key: <key>`, as its clients send it), or a 401 in the route's shape."""
+    settings = state().settings
+    if not settings.api_key or request.endpoint in OPEN_ENDPOINTS or request.endpoint is None:
+        return None
+    flavor = flavor_of_path(request.path)
+    expected = settings.api_key.encode("utf-8")
+    if flavor == "anthropic" and _same(request.headers.get("x-api-key", ""), expected):
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    # Only the scheme ignores case; the key is compared exactly, in constant time.
+    if scheme.lower() == "bearer" and _same(given.strip(), expected):
+        return None
+    header = "`x-api-key` or `Authorization: Bearer`" if flavor == "anthropic" else "`Authorization: Bearer`"
+    return error_response(Unauthorized(f"missing or wrong {header} API key"), flavor)
+
+
+def _same(given: str, expected: bytes) -> bool:
+    return hmac.compare_digest(given.encode("latin-1", "replace"), expected)
 
 
 def _ready(runtime) -> ServingContext:
@@ -140,7 +159,8 @@ def _refuse(st: ServerState, exc: Exception, flavor: Flavor, path: str, t0: floa
         return error_response(GenerationError(f"internal error ({type(exc).__name__}); request id {request_id}"),
                               flavor)
     st.metrics.failure.labels(err=exc.error_type).inc()
-    _log(path, exc.status, t0, request_id, error=exc.message)
+    # The class and the field, never the message: it may quote the request (LOG_PROMPTS is for that).
+    _log(path, exc.status, t0, request_id, error=type(exc).__name__, param=exc.param)
     return error_response(exc, flavor)
 
 

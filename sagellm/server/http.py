@@ -15,6 +15,11 @@ from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse, jso
 from sagellm.engine.client import RequestStream
 from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, UnsupportedMediaType
 
+# serde_json's limit, which TGI's clients already live with.
+MAX_JSON_DEPTH = 128
+# A body over PAYLOAD_LIMIT is read (and dropped) up to this size before the 413 goes out:
+# closing a connection with unread bytes resets it, and the client sees a broken pipe instead.
+DRAIN_LIMIT = 64 * 1024 * 1024
 _JSON_LIKE = ("application/json", "text/plain", "application/octet-stream", "")
 
 
@@ -25,11 +30,43 @@ def json_body(limit: int):
     mime = (request.mimetype or "").lower()
     jsonish = mime in _JSON_LIKE or mime.endswith("+json")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"Failed to parse the request body as JSON: nested more than {MAX_JSON_DEPTH} "
+                         "levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         if not jsonish:
             raise UnsupportedMediaType(f"Expected request with `Content-Type: application/json`, got {mime!r}")
         raise BadRequest(f"Failed to parse the request body as JSON: {exc}") from None
+    check_json(body)
+    return body
+
+
+def check_json(body) -> None:
+    """JSON that parses but no handler can take: nested deeper than MAX_JSON_DEPTH (recursion in
+    pydantic, templates and grammar compilers), or a string with a lone UTF-16 surrogate
+    ("\\ud800", which no tokenizer can encode)."""
+    stack = [(body, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    where = f" in `{path}`" if path else ""
+                    raise BadRequest(f"Failed to parse the request body as JSON: a lone surrogate{where} "
+                                     "(a \\ud800-\\udfff escape without its pair) is not text") from None
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"Failed to parse the request body as JSON: nested more than {MAX_JSON_DEPTH} "
+                             "levels deep")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            stack.append((key, depth, path))  # keys are strings too
+            stack.append((item, depth + 1, f"{path}.{key}" if path else str(key)))
 
 
 def error_response(exc: SagellmError, flavor: Flavor) -> Response:
@@ -95,11 +132,25 @@ def raw_body(limit: int) -> bytes:
     """The request body as bytes (custom input_fn decides what it means)."""
     length = request.content_length
     if length is not None and length > limit:
+        _drain(length)
         raise PayloadTooLarge(f"request body of {length} bytes exceeds PAYLOAD_LIMIT={limit} bytes")
     raw = request.stream.read(limit + 1)
     if len(raw) > limit:
+        _drain(DRAIN_LIMIT)
         raise PayloadTooLarge(f"request body exceeds PAYLOAD_LIMIT={limit} bytes")
     return raw
+
+
+def _drain(length: int) -> None:
+    """Read the rest of a refused body, when it is not absurdly large, so the answer arrives."""
+    if length > DRAIN_LIMIT:
+        return
+    left = length
+    while left > 0:
+        chunk = request.stream.read(min(left, 1 << 20))
+        if not chunk:
+            return
+        left -= len(chunk)
 
 
 def to_flask(result: JsonResponse | RawResponse | StreamResponse, on_close) -> Response:

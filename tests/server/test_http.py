@@ -122,9 +122,16 @@ def test_api_key(make):
     assert r.get_json()["generated_text"] == "".join(REPLY)
     r = c.post("/v1/chat/completions", json={"messages": CHAT}, headers={"Authorization": "bearer s3cret-key"})
     assert r.status_code == 200, r.get_data(as_text=True)
-    # health and information stay open
+    # the health checks stay open; every other route needs the key
     assert c.get("/ping").status_code == 200
-    assert c.get("/info").status_code == 200
+    assert c.get("/health").status_code == 200
+    for path in ("/info", "/v1/models", "/metrics"):
+        tgi_error(c.get(path), 401) if not path.startswith("/v1") else oai_error(c.get(path), 401)
+        assert c.get(path, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200, path
+    tgi_error(c.post("/tokenize", json=NATIVE), 401)
+    # only the scheme ignores case: the key is compared exactly
+    tgi_error(c.post("/generate", json=NATIVE, headers={"Authorization": "Bearer S3CRET-KEY"}), 401)
+    tgi_error(c.post("/generate", json=NATIVE, headers={"Authorization": "Bearer s3cret-ke"}), 401)
 
 
 def test_no_api_key_means_no_auth(client):
