@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sagellm.api.choices import finish_reason
+from sagellm.api.error_shapes import generation_failed
 from sagellm.api.protocol import ChatCompletionRequest
 from sagellm.api.protocol_openai import LogprobEntry, ToolCallDelta, TopLogprob
 from sagellm.api.submit import nth_params
@@ -16,6 +17,7 @@ from sagellm.api.tools import CallStreamer, ToolPlan, parse_calls
 from sagellm.engine.client import RequestStream
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
+from sagellm.errors import SagellmError
 
 
 @dataclass
@@ -53,7 +55,7 @@ class EndPart:
 
 @dataclass
 class ErrorPart:
-    message: str
+    error: SagellmError  # how the choice failed, as the client will hear it
 
 
 Part = TextPart | CallsPart | EndPart | ErrorPart
@@ -78,7 +80,7 @@ def choice_parts(job: ChatJob, index: int, stream: RequestStream,
                 continue
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
                 done = True
-                yield ErrorPart(ev.error or "aborted")
+                yield ErrorPart(generation_failed(ev.error))
                 return
             n_out += 1
             if streamer is None:
@@ -106,7 +108,7 @@ def choice_parts(job: ChatJob, index: int, stream: RequestStream,
                     if parse_calls(streamer.text) is not None:
                         reason = "tool_calls"
                     elif ev.finish_reason != FinishReason.LENGTH:
-                        yield ErrorPart("the model's tool call did not complete")
+                        yield ErrorPart(generation_failed("the model's tool call did not complete"))
                         return
                     else:
                         yield TextPart(streamer.text, None)  # cut by the token limit: shown as text

@@ -9,7 +9,7 @@ import uuid
 
 from sagellm.api.choices import FINGERPRINT, finish_reason, interleave
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import error_event, generation_failed, invalid
+from sagellm.api.error_shapes import error_event, generation_failed, invalid, stream_failure
 from sagellm.api.parse import parse
 from sagellm.api.protocol import CompletionRequest
 from sagellm.api.protocol_openai import Completion, CompletionChoice, CompletionLogprobs, Usage
@@ -17,7 +17,7 @@ from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResp
 from sagellm.api.sampling import check_n, openai_params
 from sagellm.api.submit import collect, nth_params, submit_all
 from sagellm.engine.events import FinishReason, TokenEvent
-from sagellm.errors import ValidationError
+from sagellm.errors import SagellmError, ValidationError
 
 
 def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
@@ -85,20 +85,19 @@ def _legacy_logprobs(events: list[TokenEvent], offset: int) -> CompletionLogprob
     return out
 
 
-def _error_event(exc: Exception) -> TokenEvent:
-    return TokenEvent(0, -1, "", 0.0, True, "", [], FinishReason.ERROR, None, str(exc))
-
-
 def _stream(req: CompletionRequest, streams, head: dict, n_prompt: int):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n_out = 0
     done = False
     offsets = [0] * len(streams)
     try:
-        for i, ev in interleave([s.iter_events(15.0) for s in streams], _error_event):
+        for i, ev in interleave([s.iter_events(15.0) for s in streams], stream_failure):
             if ev is None:
                 yield SSE_KEEPALIVE
                 continue
+            if isinstance(ev, SagellmError):
+                yield error_event(ev, "openai")
+                break
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
                 yield error_event(generation_failed(ev.error), "openai")
                 break

@@ -50,3 +50,6 @@ class TokenEvent:
     error: str | None = None
     # Every prompt token, on the first event of a request with SamplingParams.prompt_logprobs.
     prompt_logprobs: list[PromptToken] | None = None
+    # On the first event: seconds from submit until the engine first scheduled the request (for
+    # /metrics' queue time; None from an engine that does not say).
+    queue_s: float | None = None

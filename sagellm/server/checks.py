@@ -17,8 +17,10 @@ from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import Flavor
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
 from sagellm.errors import GenerationError, Overloaded, SagellmError, Unauthorized, Unavailable
+from sagellm.server.drain import Drain
 from sagellm.server.http import Admission, WatchedStream, error_response, json_body, raw_body, to_flask
 from sagellm.server.metrics import Metrics, log_request
+from sagellm.server.request_record import RequestRecord
 from sagellm.settings import Settings
 
 log = logging.getLogger("sagellm")
@@ -34,6 +36,7 @@ class ServerState:
     runtime: object  # sagellm.server.runtime.Runtime (or a test's stand-in)
     admission: Admission
     metrics: Metrics
+    drain: Drain
 
 
 def state() -> ServerState:
@@ -44,27 +47,28 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
     """Run a generation handler behind every check. flavor None: /invocations, where the body's
     shape decides; raw: the body goes to the handler as bytes (custom input_fn)."""
     st = state()
-    t0, path, request_id = time.monotonic(), request.path, g.request_id  # a stream outlives the request
+    # The record outlives the request context: a stream is written after the view returns.
+    record = RequestRecord(st.metrics, request.path, g.request_id, time.monotonic())
+    st.metrics.requests.inc()
     admitted = False
     try:
         _authorize(st.settings)
         body = raw_body(st.settings.payload_limit) if raw else json_body(st.settings.payload_limit)
         flavor = flavor or invocations.flavor_of(st.settings, body)
         if st.settings.log_prompts:
-            log_request(id=request_id, route=path, body=body)
+            log_request(id=record.request_id, route=record.route, body=body)
         _admit(st)
-        admitted = True
-        result = handler(_watched(st.runtime.ctx), body)
+        admitted = record.admitted = True
+        record.model_name = st.runtime.ctx.engine.model.served_name
+        result = handler(_watched(st, record), body)
     except Exception as exc:
         if admitted:
             _release(st)
-        return _refuse(st, exc, flavor or "tgi", path, t0, request_id)
+        return _refuse(exc, flavor or "tgi", record)
 
-    def done() -> None:
+    def done(status: int, completed: bool) -> None:
         _release(st)
-        st.metrics.success.inc()
-        st.metrics.duration.observe(time.monotonic() - t0)
-        _log(path, 200, t0, request_id)
+        record.close(status, completed)
 
     return to_flask(result, done)
 
@@ -72,7 +76,7 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
 def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor = "tgi") -> Response:
     """A route that reads the model's state (/info, /tokenize, /v1/models): readiness only."""
     try:
-        return to_flask(fn(_ready(state().runtime)), lambda: None)
+        return to_flask(fn(_ready(state().runtime)))
     except SagellmError as exc:
         return error_response(exc, flavor)
 
@@ -83,7 +87,7 @@ def health() -> Response:
     if ok:
         return Response(status=200)
     body = {"error": "unhealthy", "error_type": "healthcheck", "detail": why}
-    return to_flask(JsonResponse(body, status=503), lambda: None)
+    return to_flask(JsonResponse(body, status=503))
 
 
 def _authorize(settings: Settings) -> None:
@@ -95,7 +99,7 @@ def _authorize(settings: Settings) -> None:
 
 def _ready(runtime) -> ServingContext:
     if runtime.state != "ready":
-        raise Unavailable(f"the model is not ready ({runtime.state})")
+        raise Unavailable(runtime.error or f"the model is not ready ({runtime.state})")
     return runtime.ctx
 
 
@@ -105,7 +109,6 @@ def _admit(st: ServerState) -> None:
     if not st.admission.try_acquire():
         raise Overloaded(f"Model is overloaded: {st.admission.limit} requests in flight "
                          "(MAX_CONCURRENT_REQUESTS)")
-    st.metrics.requests.inc()
     st.metrics.in_flight.inc()
 
 
@@ -114,22 +117,19 @@ def _release(st: ServerState) -> None:
     st.metrics.in_flight.dec()
 
 
-def _watched(ctx: ServingContext) -> ServingContext:
-    """This request's context: a client that disconnects aborts its streams."""
+def _watched(st: ServerState, record: RequestRecord) -> ServingContext:
+    """This request's context: a client that disconnects aborts its streams, the end of the
+    drain after SIGTERM cuts them, and their events feed the request's record."""
     sock = request.environ.get("gunicorn.socket")
-    return dataclasses.replace(ctx, watch=lambda stream: WatchedStream(stream, sock))
+    return dataclasses.replace(st.runtime.ctx,
+                               watch=lambda stream: WatchedStream(stream, sock, st.drain.cut, record))
 
 
-def _refuse(st: ServerState, exc: Exception, flavor: Flavor, path: str, t0: float, request_id: str) -> Response:
+def _refuse(exc: Exception, flavor: Flavor, record: RequestRecord) -> Response:
     if not isinstance(exc, SagellmError):  # our bug: log it, never send the traceback
-        log.exception("unhandled error on %s", path)
-        st.metrics.failure.labels(err="internal").inc()
-        return error_response(GenerationError(f"internal error ({type(exc).__name__}); request id {request_id}"),
-                              flavor)
-    st.metrics.failure.labels(err=exc.error_type).inc()
-    _log(path, exc.status, t0, request_id, error=exc.message)
+        log.exception("unhandled error on %s", record.route)
+        exc = GenerationError(f"internal error ({type(exc).__name__}); request id {record.request_id}")
+        record.failed("internal")
+    record.failed(exc.error_type)
+    record.close(exc.status, error=exc.message)
     return error_response(exc, flavor)
-
-
-def _log(path: str, status: int, t0: float, request_id: str, **extra) -> None:
-    log_request(id=request_id, route=path, status=status, ms=round((time.monotonic() - t0) * 1000, 1), **extra)

@@ -85,6 +85,11 @@ class Runtime:
         health = self.engine.health()
         return health.ok, health.reason
 
+    def draining(self) -> None:
+        """SIGTERM: /ping and new requests get 503 from now on."""
+        self.state = "stopping"
+        self.error = "the server is shutting down"
+
     def stop(self) -> None:
         self.state = "stopping"
         if self.engine is not None:
