@@ -40,6 +40,8 @@ class Runtime:
     def _load(self, exit_on_failure: bool) -> None:
         try:
             self._build()
+            if self.state != "loading":  # SIGTERM came while loading: stay stopping
+                return
             self.state = "ready"
             self.ready_at = time.monotonic()
             log.info("ready in %.1fs: serving %s", self.ready_at - self.started, self.engine.model.served_name)

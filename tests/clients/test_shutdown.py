@@ -110,15 +110,6 @@ def test_sigterm_refuses_new_work_finishes_running_and_cuts_the_rest_cleanly():
         srv.stop()
 
 
-def test_sigterm_with_nothing_running_exits_0_without_waiting_for_the_deadline():
-    srv = Server(env={"GRACEFUL_TERMINATION_TIMEOUT": "60"})
-    try:
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(30) == 0, srv.log()
-    finally:
-        srv.stop()
-
-
 KILLER = textwrap.dedent('''
     import json
 
