@@ -7,6 +7,7 @@ concurrently and /ping always finds a free thread.
 import logging
 import sys
 
+from sagellm.server.drain import FLUSH_S, install
 from sagellm.settings import Settings
 
 _s = Settings.from_env()
@@ -19,7 +20,9 @@ worker_class = "sagellm.server.worker.JsonErrorWorker"
 threads = _s.worker_threads or _s.max_concurrent_requests + 8
 # Generation can take minutes; the engine watchdog, not gunicorn, decides when a worker is stuck.
 timeout = 0
-graceful_timeout = int(_s.graceful_termination_timeout)
+# The app cuts requests still running at GRACEFUL_TERMINATION_TIMEOUT and lets them write their
+# last event; gunicorn's SIGKILL comes only after that (sagellm.server.drain).
+graceful_timeout = int(_s.graceful_termination_timeout + FLUSH_S) + 1
 keepalive = 75  # longer than typical load-balancer idle timeouts
 accesslog = None
 errorlog = "-"
@@ -30,6 +33,7 @@ limit_request_line = 8190
 def post_worker_init(worker):
     logging.basicConfig(stream=sys.stdout, level=_s.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    install(worker)  # SIGTERM drains the app first
 
 
 def worker_exit(server, worker):

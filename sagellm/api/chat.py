@@ -14,7 +14,7 @@ from pydantic import MISSING
 from sagellm.api.chat_parts import CallsPart, ChatJob, EndPart, ErrorPart, TextPart, choice_parts
 from sagellm.api.choices import FINGERPRINT, interleave
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import error_event, generation_failed, invalid
+from sagellm.api.error_shapes import error_event, invalid, stream_failure
 from sagellm.api.parse import parse
 from sagellm.api.protocol import ChatCompletionRequest
 from sagellm.api.protocol_openai import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
@@ -141,7 +141,7 @@ def _whole_choice(job: ChatJob, index: int, parts) -> tuple[ChatChoice, int]:
     text, logprobs, calls = [], [], {}
     for part in parts:
         if isinstance(part, ErrorPart):
-            raise generation_failed(part.message)
+            raise part.error
         if isinstance(part, TextPart):
             text.append(part.text)
             logprobs.extend(part.logprobs or [])
@@ -179,7 +179,7 @@ def _stream(req: ChatCompletionRequest, choices, streams, head: dict, n_prompt: 
     n_out = 0
     for i in range(len(choices)):
         yield chunk(i, Delta(role="assistant", content=""))
-    merged = interleave(choices, lambda exc: ErrorPart(str(exc)))
+    merged = interleave(choices, lambda exc: ErrorPart(stream_failure(exc)))
     try:
         for i, part in merged:
             if part is None:
@@ -196,7 +196,7 @@ def _stream(req: ChatCompletionRequest, choices, streams, head: dict, n_prompt: 
                 n_out += part.completion_tokens
                 yield chunk(i, Delta(), part.finish_reason, stop_reason=part.stop_reason)
             else:
-                yield error_event(generation_failed(part.message), "openai")
+                yield error_event(part.error, "openai")
                 yield SSE_DONE
                 return
         if include_usage:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sagellm.api.choices import finish_reason
+from sagellm.api.error_shapes import generation_failed, stream_failure
 from sagellm.api.protocol import ChatCompletionRequest
 from sagellm.api.protocol_openai import LogprobEntry, ToolCallDelta, TopLogprob
 from sagellm.api.submit import nth_params
@@ -17,6 +18,7 @@ from sagellm.api.tools import CallStreamer, ToolPlan, parse_calls
 from sagellm.engine.client import RequestStream
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
+from sagellm.errors import SagellmError
 
 
 @dataclass
@@ -54,7 +56,7 @@ class EndPart:
 
 @dataclass
 class ErrorPart:
-    message: str
+    error: SagellmError  # how the choice failed, as the client will hear it
 
 
 Part = TextPart | CallsPart | EndPart | ErrorPart
@@ -64,7 +66,7 @@ def failed_part(exc: Exception) -> ErrorPart:
     """A stream that raised after its first byte: logged with its traceback; the client reads only
     the kind of failure (an exception's text may hold internals)."""
     logging.getLogger("sagellm").error("generation failed mid-stream", exc_info=exc)
-    return ErrorPart(f"internal error ({type(exc).__name__})")
+    return ErrorPart(stream_failure(exc))
 
 
 def _logprob_entry(ev: TokenEvent) -> LogprobEntry:
@@ -86,7 +88,7 @@ def choice_parts(job: ChatJob, index: int, stream: RequestStream,
                 continue
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
                 done = True
-                yield ErrorPart(ev.error or "aborted")
+                yield ErrorPart(generation_failed(ev.error))
                 return
             n_out += 1
             if streamer is None:
@@ -114,7 +116,7 @@ def choice_parts(job: ChatJob, index: int, stream: RequestStream,
                     if parse_calls(streamer.text) is not None:
                         reason = "tool_calls"
                     elif ev.finish_reason != FinishReason.LENGTH:
-                        yield ErrorPart("the model's tool call did not complete")
+                        yield ErrorPart(generation_failed("the model's tool call did not complete"))
                         return
                     else:
                         yield TextPart(streamer.text, None)  # cut by the token limit: shown as text

@@ -13,7 +13,7 @@ import uuid
 from sagellm.api import legacy_logprobs
 from sagellm.api.choices import FINGERPRINT, finish_reason, interleave
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import error_event, generation_failed, invalid
+from sagellm.api.error_shapes import error_event, generation_failed, invalid, stream_failure
 from sagellm.api.parse import parse
 from sagellm.api.protocol import CompletionRequest
 from sagellm.api.protocol_openai import Completion, CompletionChoice, Usage
@@ -21,7 +21,7 @@ from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResp
 from sagellm.api.sampling import check_n, openai_params
 from sagellm.api.submit import collect, nth_params, submit_all
 from sagellm.engine.events import FinishReason, TokenEvent
-from sagellm.errors import GenerationError, ValidationError
+from sagellm.errors import GenerationError, SagellmError, ValidationError
 
 
 def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
@@ -102,10 +102,6 @@ def _prompt_ids(ctx: ServingContext, prompt) -> list[tuple[list[int], str | None
     return out
 
 
-def _error_event(exc: Exception) -> TokenEvent:
-    return TokenEvent(0, -1, "", 0.0, True, "", [], FinishReason.ERROR, None, str(exc))
-
-
 def _stream(req: CompletionRequest, streams, echoed: list[str], head: dict, n_prompt: int):
     """One chunk per token and choice; with echo, a choice's first chunk starts with its prompt
     (text and, with logprobs, entries), as vLLM streams it."""
@@ -116,10 +112,16 @@ def _stream(req: CompletionRequest, streams, echoed: list[str], head: dict, n_pr
     started = [False] * len(streams)
     offsets = [0] * len(streams)
     try:
-        for i, ev in interleave([s.iter_events(15.0) for s in streams], _error_event):
+        for i, ev in interleave([s.iter_events(15.0) for s in streams], stream_failure):
             if ev is None:
                 yield SSE_KEEPALIVE
                 continue
+            if isinstance(ev, SagellmError):  # the engine died or the drain cut the stream
+                yield error_event(ev, "openai")
+                break
+            if isinstance(ev, SagellmError):
+                yield error_event(ev, "openai")
+                break
             if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
                 yield error_event(generation_failed(ev.error), "openai")
                 break

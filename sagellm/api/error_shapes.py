@@ -85,3 +85,9 @@ def invalid(message: str, param: str | None = None) -> ValidationError:
 def generation_failed(detail: str | None) -> GenerationError:
     """A request the engine ended with an error (or aborted) after it was accepted (424)."""
     return GenerationError(f"Request failed during generation: {detail or 'aborted'}")
+
+
+def stream_failure(exc: Exception) -> SagellmError:
+    """What the client hears when reading its request's events raised: our own errors as they are
+    (503 when the engine died or the server is stopping), anything else a failed generation."""
+    return exc if isinstance(exc, SagellmError) else generation_failed(f"internal error ({type(exc).__name__})")

@@ -16,7 +16,7 @@ from sagellm.api.chat import prepare_chat
 from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, failed_part
 from sagellm.api.choices import interleave
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import error_body, generation_failed
+from sagellm.api.error_shapes import error_body
 from sagellm.api.parse import parse
 from sagellm.api.protocol_anthropic import (AnthropicMessage, AnthropicUsage, ContentBlockDeltaEvent,
                                             ContentBlockStartEvent, ContentBlockStopEvent, CountTokensRequest,
@@ -49,7 +49,7 @@ class Builder:
         self.args: dict[int, str] = {}  # content index of a tool_use block -> its arguments' JSON text so far
         self.calls: dict[int, int] = {}  # tool call index -> content index
         self.unfinished: list[ToolUseBlock] = []  # calls the token limit cut short
-        self.failure: str | None = None
+        self.failure: SagellmError | None = None
 
     def _close(self) -> Iterator[BaseModel]:
         block, self.open = self.open, None
@@ -105,8 +105,8 @@ class Builder:
                 yield MessageStopEvent()
                 return
             else:
-                self.failure = part.message
-                yield error_body(generation_failed(part.message), "anthropic")
+                self.failure = part.error
+                yield error_body(part.error, "anthropic")
                 return
 
 
@@ -148,7 +148,7 @@ def create(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     finally:
         finish()
     if builder.failure is not None:
-        raise generation_failed(builder.failure)
+        raise builder.failure
     # A call cut short by max_tokens has no input to give; the text block after it holds what was written.
     msg.content = [b for b in msg.content if not any(b is u for u in builder.unfinished)]
     return JsonResponse(msg)

@@ -15,7 +15,6 @@ from sagellm.api.chat import prepare_chat
 from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, failed_part
 from sagellm.api.choices import interleave
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import generation_failed
 from sagellm.api.parse import parse
 from sagellm.api.protocol_responses import (ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent,
                                             DeletedResponse, FunctionCallItem, IncompleteDetails, OutputItemEvent,
@@ -37,7 +36,7 @@ class Builder:
         self.seq = 0
         self.current: OutputMessage | FunctionCallItem | None = None
         self.calls: dict[int, FunctionCallItem] = {}  # tool call index -> its item
-        self.failure: str | None = None  # the engine's words, when it failed
+        self.failure: SagellmError | None = None  # how it failed, as the client hears it
 
     def _ev(self, cls, **fields):
         event = cls(sequence_number=self.seq, **fields)
@@ -119,8 +118,8 @@ class Builder:
                 yield self._life(f"response.{self.resp.status}")
                 return
             else:
-                self.failure = part.message
-                message = generation_failed(part.message).message
+                self.failure = part.error
+                message = part.error.message
                 self.resp.status = "failed"
                 self.resp.error = ResponseErrorInfo(code="server_error", message=message)
                 yield self._ev(StreamErrorEvent, code="server_error", message=message)
@@ -170,7 +169,7 @@ def create(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     finally:
         finish()
     if resp.status == "failed":
-        raise generation_failed(builder.failure)
+        raise builder.failure
     return JsonResponse(resp)
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from sagellm.api.context import ServingContext
-from sagellm.api.error_shapes import error_event, generation_failed, invalid
+from sagellm.api.error_shapes import error_event, generation_failed, invalid, stream_failure
 from sagellm.api.parse import parse
 from sagellm.api.protocol import GenerateParameters, GenerateRequest
 from sagellm.api.protocol_tgi import (BestOfSequence, Details, GenerateResponse, PrefillToken, StreamChunk,
@@ -182,7 +182,14 @@ def generate_stream(ctx: ServingContext, body, *, full_text_default: bool) -> St
 
     headers = {**SSE_HEADERS, "x-compute-type": ctx.settings.compute_type or ctx.engine.model.device,
                "x-compute-characters": str(len(req.inputs))}
-    return StreamResponse(event_stream(stream, render), headers)
+
+    def chunks():
+        try:
+            yield from event_stream(stream, render)
+        except Exception as exc:  # the engine died or the server is stopping: say so in the stream
+            yield error_event(stream_failure(exc), "tgi")
+
+    return StreamResponse(chunks(), headers)
 
 
 def tokenize(ctx: ServingContext, body) -> JsonResponse:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from sagellm.engine.events import TokenEvent
+from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
+from sagellm.errors import Unavailable
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ class CompiledGrammar(Protocol):
     source: str  # llguidance's grammar text, for an engine that runs its own matcher
 
 
-class EngineDead(RuntimeError):
-    """The engine stopped while a request was waiting on it."""
+class EngineDead(Unavailable):
+    """The engine stopped (it died, or the server is stopping) while a request needed it: 503, the
+    answer of a server that cannot serve, never a request's own failure."""
 
 
 class RequestStream(ABC):
@@ -126,6 +128,9 @@ class QueueStream(RequestStream):
             waited = 0.0
             if event is None:
                 return
+            if event.finish_reason == FinishReason.ERROR and not self._alive():
+                # The engine failed every request as it died: the server's failure, not this request's.
+                raise EngineDead(f"the engine stopped: {event.error}")
             yield event
 
     def abort(self) -> None:

@@ -93,7 +93,8 @@ class LLMEngine:
             self._thread.join(timeout)
 
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.fatal_error is None
+        return (self._thread is not None and self._thread.is_alive() and self.fatal_error is None
+                and not self._stop.is_set())
 
     def num_pending(self) -> int:
         return len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
@@ -264,6 +265,7 @@ class LLMEngine:
         event = self.output.token_event(seq, s)
         if event.index == 1:
             event.prompt_logprobs = self._take_prompt_logprobs(seq)
+            event.queue_s = seq.queue_s
         seq.events.put(event)
         if event.finish_reason is not None:
             self._finish(seq, event.finish_reason, emit=False)

@@ -53,3 +53,6 @@ class TokenEvent:
     # Every prompt token, on the first event of a request with SamplingParams.prompt_logprobs (a
     # request with max_new_tokens 0 gets one event, token_id -1, finish_reason LENGTH).
     prompt_logprobs: list[PromptToken] | None = None
+    # On the first event: seconds from submit until the engine first scheduled the request (for
+    # /metrics' queue time; None from an engine that does not say).
+    queue_s: float | None = None

@@ -5,6 +5,7 @@ that hold the longest prefix of its tokens."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -98,6 +99,8 @@ class Scheduler:
             self.prefix_hit_tokens += seq.num_computed
             self._grow(seq, want)
             seq.status = SequenceStatus.RUNNING
+            if seq.queue_s is None:
+                seq.queue_s = time.monotonic() - seq.arrival
             self.running.append(seq)
             batch.prefills.append((seq, want))
             budget -= want

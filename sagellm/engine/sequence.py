@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import queue
+import time
 
 import torch
 
@@ -27,6 +28,8 @@ class Sequence:
         self.output_ids: list[int] = []
         self.params = params
         self.status = SequenceStatus.WAITING
+        self.arrival = time.monotonic()
+        self.queue_s: float | None = None  # arrival -> first scheduled, set by the scheduler
         self.block_table: list[int] = []
         # Prefix caching: the keys of this sequence's full blocks computed so far, and how many
         # of its blocks are registered in the cache (sagellm.engine.kv_cache).

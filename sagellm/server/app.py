@@ -14,6 +14,7 @@ from sagellm.api.error_shapes import flavor_of_path
 from sagellm.errors import NotFound
 from sagellm.server import checks, routes_anthropic, routes_docs, routes_openai, routes_sagemaker, routes_tgi
 from sagellm.server.checks import ServerState
+from sagellm.server.drain import Drain
 from sagellm.server.http import Admission, error_response
 from sagellm.server.metrics import Metrics
 from sagellm.server.runtime import Runtime
@@ -30,8 +31,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime.start_background()
     app = Flask("sagellm")
     app.config["SAGELLM_RUNTIME"] = runtime  # gunicorn's worker_exit stops it
-    app.extensions["sagellm"] = ServerState(settings, runtime, Admission(settings.max_concurrent_requests),
-                                            Metrics())
+    admission = Admission(settings.max_concurrent_requests)
+    app.extensions["sagellm"] = ServerState(settings, runtime, admission, Metrics(),
+                                            Drain(admission, settings.graceful_termination_timeout))
     for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp, routes_anthropic.bp, routes_docs.bp):
         app.register_blueprint(blueprint)
     app.before_request(_request_id)
@@ -43,7 +45,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
 
 def _request_id() -> None:
-    g.request_id = request.headers.get("X-Amzn-RequestId") or uuid.uuid4().hex
+    g.request_id = request.headers.get("X-Request-Id") or request.headers.get("X-Amzn-RequestId") or uuid.uuid4().hex
 
 
 def _stamp_request_id(resp):

@@ -18,8 +18,10 @@ from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import Flavor, flavor_of_path
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
 from sagellm.errors import GenerationError, Overloaded, SagellmError, Unauthorized, Unavailable
+from sagellm.server.drain import Drain
 from sagellm.server.http import Admission, WatchedStream, error_response, json_body, raw_body, to_flask
 from sagellm.server.metrics import Metrics, log_request
+from sagellm.server.request_record import RequestRecord
 from sagellm.settings import Settings
 
 log = logging.getLogger("sagellm")
@@ -35,6 +37,7 @@ class ServerState:
     runtime: object  # sagellm.server.runtime.Runtime (or a test's stand-in)
     admission: Admission
     metrics: Metrics
+    drain: Drain
 
 
 def state() -> ServerState:
@@ -45,26 +48,27 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
     """Run a generation handler behind every check. flavor None: /invocations, where the body's
     shape decides; raw: the body goes to the handler as bytes (custom input_fn)."""
     st = state()
-    t0, path, request_id = time.monotonic(), request.path, g.request_id  # a stream outlives the request
+    # The record outlives the request context: a stream is written after the view returns.
+    record = RequestRecord(st.metrics, request.path, g.request_id, time.monotonic())
+    st.metrics.requests.inc()
     admitted = False
     try:
         body = raw_body(st.settings.payload_limit) if raw else json_body(st.settings.payload_limit)
         flavor = flavor or invocations.flavor_of(st.settings, body)
         if st.settings.log_prompts:
-            log_request(id=request_id, route=path, body=body)
+            log_request(id=record.request_id, route=record.route, body=body)
         _admit(st)
-        admitted = True
-        result = handler(_watched(st.runtime.ctx), body)
+        admitted = record.admitted = True
+        record.model_name = st.runtime.ctx.engine.model.served_name
+        result = handler(_watched(st, record), body)
     except Exception as exc:
         if admitted:
             _release(st)
-        return _refuse(st, exc, flavor or "tgi", path, t0, request_id)
+        return _refuse(exc, flavor or "tgi", record)
 
-    def done() -> None:
+    def done(status: int, completed: bool) -> None:
         _release(st)
-        st.metrics.success.inc()
-        st.metrics.duration.observe(time.monotonic() - t0)
-        _log(path, 200, t0, request_id)
+        record.close(status, completed)
 
     return to_flask(result, done)
 
@@ -72,7 +76,7 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
 def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor = "tgi") -> Response:
     """A route that reads the model's state (/info, /tokenize, /v1/models): readiness only."""
     try:
-        return to_flask(fn(_ready(state().runtime)), lambda: None)
+        return to_flask(fn(_ready(state().runtime)))
     except SagellmError as exc:
         return error_response(exc, flavor)
     except Exception as exc:  # our bug: log it, answer JSON without the traceback
@@ -85,7 +89,7 @@ def authorized(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor) -> 
     """A route that reads or changes what requests stored (GET/DELETE /v1/responses/{id}): readiness
     (the API key was checked before the request), no body, no admission slot."""
     try:
-        return to_flask(fn(_ready(state().runtime)), lambda: None)
+        return to_flask(fn(_ready(state().runtime)))
     except SagellmError as exc:
         return error_response(exc, flavor)
 
@@ -96,7 +100,7 @@ def health() -> Response:
     if ok:
         return Response(status=200)
     body = {"error": "unhealthy", "error_type": "healthcheck", "detail": why}
-    return to_flask(JsonResponse(body, status=503), lambda: None)
+    return to_flask(JsonResponse(body, status=503))
 
 
 # SageMaker's health check sends no key; every other route needs it when API_KEY is set.
@@ -127,7 +131,7 @@ def _same(given: str, expected: bytes) -> bool:
 
 def _ready(runtime) -> ServingContext:
     if runtime.state != "ready":
-        raise Unavailable(f"the model is not ready ({runtime.state})")
+        raise Unavailable(runtime.error or f"the model is not ready ({runtime.state})")
     return runtime.ctx
 
 
@@ -137,7 +141,6 @@ def _admit(st: ServerState) -> None:
     if not st.admission.try_acquire():
         raise Overloaded(f"Model is overloaded: {st.admission.limit} requests in flight "
                          "(MAX_CONCURRENT_REQUESTS)")
-    st.metrics.requests.inc()
     st.metrics.in_flight.inc()
 
 
@@ -146,23 +149,20 @@ def _release(st: ServerState) -> None:
     st.metrics.in_flight.dec()
 
 
-def _watched(ctx: ServingContext) -> ServingContext:
-    """This request's context: a client that disconnects aborts its streams."""
+def _watched(st: ServerState, record: RequestRecord) -> ServingContext:
+    """This request's context: a client that disconnects aborts its streams, the end of the
+    drain after SIGTERM cuts them, and their events feed the request's record."""
     sock = request.environ.get("gunicorn.socket")
-    return dataclasses.replace(ctx, watch=lambda stream: WatchedStream(stream, sock))
+    return dataclasses.replace(st.runtime.ctx,
+                               watch=lambda stream: WatchedStream(stream, sock, st.drain.cut, record))
 
 
-def _refuse(st: ServerState, exc: Exception, flavor: Flavor, path: str, t0: float, request_id: str) -> Response:
+def _refuse(exc: Exception, flavor: Flavor, record: RequestRecord) -> Response:
     if not isinstance(exc, SagellmError):  # our bug: log it, never send the traceback
-        log.exception("unhandled error on %s", path)
-        st.metrics.failure.labels(err="internal").inc()
-        return error_response(GenerationError(f"internal error ({type(exc).__name__}); request id {request_id}"),
-                              flavor)
-    st.metrics.failure.labels(err=exc.error_type).inc()
+        log.exception("unhandled error on %s", record.route)
+        exc = GenerationError(f"internal error ({type(exc).__name__}); request id {record.request_id}")
+        record.failed("internal")
+    record.failed(exc.error_type)
     # The class and the field, never the message: it may quote the request (LOG_PROMPTS is for that).
-    _log(path, exc.status, t0, request_id, error=type(exc).__name__, param=exc.param)
+    record.close(exc.status, error=type(exc).__name__, param=exc.param)
     return error_response(exc, flavor)
-
-
-def _log(path: str, status: int, t0: float, request_id: str, **extra) -> None:
-    log_request(id=request_id, route=path, status=status, ms=round((time.monotonic() - t0) * 1000, 1), **extra)

@@ -7,13 +7,15 @@ import json
 import select
 import socket
 import threading
+from collections.abc import Callable
 
 from flask import Response, request
 
 from sagellm.api.error_shapes import Flavor, error_body
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse, json_text
 from sagellm.engine.client import RequestStream
-from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, UnsupportedMediaType
+from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, Unavailable, UnsupportedMediaType
+from sagellm.server.request_record import RequestRecord
 
 # serde_json's limit, which TGI's clients already live with.
 MAX_JSON_DEPTH = 128
@@ -80,14 +82,26 @@ class Admission:
     """At most `limit` generation requests in flight; the rest get 429 at once, not a queue."""
 
     def __init__(self, limit: int):
-        self._sem = threading.BoundedSemaphore(limit)
         self.limit = limit
+        self._n = 0
+        self._changed = threading.Condition()
 
     def try_acquire(self) -> bool:
-        return self._sem.acquire(blocking=False)
+        with self._changed:
+            if self._n >= self.limit:
+                return False
+            self._n += 1
+            return True
 
     def release(self) -> None:
-        self._sem.release()
+        with self._changed:
+            self._n -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False when `timeout` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._n == 0, timeout)
 
 
 def client_gone(sock: socket.socket | None) -> bool:
@@ -103,20 +117,42 @@ def client_gone(sock: socket.socket | None) -> bool:
 
 class WatchedStream(RequestStream):
     """A request's stream that aborts the request when the HTTP client disconnects, even while
-    nothing is being written (queued, or a non-streaming request)."""
+    nothing is being written (queued, or a non-streaming request); ends it with a 503 when the
+    server stops (`cut`, set at GRACEFUL_TERMINATION_TIMEOUT after SIGTERM); and reports every
+    event to the request's record (metrics, the log line)."""
 
-    def __init__(self, stream: RequestStream, sock):
+    def __init__(self, stream: RequestStream, sock, cut: threading.Event, record: RequestRecord):
         self._handle = stream
         self._sock = sock
+        self._cut = cut
+        self._record = record
         self.request_id, self.prompt_len, self.seed = stream.request_id, stream.prompt_len, stream.seed
+        record.submitted(stream.prompt_len)
 
     def iter_events(self, idle_s: float | None = None):
+        try:
+            yield from self._events(idle_s)
+        except SagellmError as exc:
+            self._record.failed(exc.error_type)
+            raise
+        except Exception:
+            self._record.failed("generation")
+            raise
+
+    def _events(self, idle_s: float | None):
         idle = 0.0
+        key = id(self)
         for n, event in enumerate(self._handle.iter_events(idle_s=0.5)):
+            if self._cut.is_set():
+                self._handle.abort()
+                raise Unavailable("the server is shutting down: GRACEFUL_TERMINATION_TIMEOUT passed "
+                                  "before this request finished")
             if (event is None or n % 16 == 0) and client_gone(self._sock):
+                self._record.client_gone = True
                 self._handle.abort()
             if event is not None:
                 idle = 0.0
+                self._record.event(key, event)
                 yield event
             elif idle_s is not None:
                 idle += 0.5
@@ -153,22 +189,28 @@ def _drain(length: int) -> None:
         left -= len(chunk)
 
 
-def to_flask(result: JsonResponse | RawResponse | StreamResponse, on_close) -> Response:
+def to_flask(result: JsonResponse | RawResponse | StreamResponse,
+             on_close: Callable[[int, bool], None] | None = None) -> Response:
+    """The Flask response; on_close(status, completed) when it has gone out (completed: False when
+    the client left in the middle of a stream)."""
+    on_close = on_close or (lambda status, completed: None)
     if isinstance(result, RawResponse):
-        on_close()
+        on_close(result.status, True)
         return Response(result.body, status=result.status, content_type=result.content_type)
     if isinstance(result, JsonResponse):
-        on_close()
+        on_close(result.status, True)
         if result.body is None:
             return Response(status=result.status, headers=result.headers)
         return Response(json_text(result.body), status=result.status, mimetype="application/json",
                         headers=result.headers)
 
     def chunks():
+        completed = False
         try:
             yield from result.chunks
+            completed = True
         finally:
-            on_close()
+            on_close(200, completed)
 
     return Response(chunks(), status=200, mimetype="text/event-stream", headers=result.headers,
                     direct_passthrough=True)

@@ -53,7 +53,7 @@ fetch("/openapi.json").then(r=>r.json()).then(function(doc){
 
 
 def _document() -> Response:
-    return to_flask(JsonResponse(document()), lambda: None)
+    return to_flask(JsonResponse(document()))
 
 
 bp.add_url_rule("/openapi.json", "openapi", _document, methods=["GET"])

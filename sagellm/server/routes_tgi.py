@@ -45,5 +45,6 @@ def info():
 @bp.get("/metrics")
 def metrics():
     engine = state().runtime.engine
-    body = state().metrics.render(engine.stats() if engine is not None else None)
+    stats, name = (engine.stats(), engine.model.served_name) if engine is not None else (None, None)
+    body = state().metrics.render(stats, name)
     return Response(body, mimetype="text/plain; version=0.0.4")

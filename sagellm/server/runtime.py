@@ -40,6 +40,8 @@ class Runtime:
     def _load(self, exit_on_failure: bool) -> None:
         try:
             self._build()
+            if self.state != "loading":  # SIGTERM came while loading: stay stopping
+                return
             self.state = "ready"
             self.ready_at = time.monotonic()
             log.info("ready in %.1fs: serving %s", self.ready_at - self.started, self.engine.model.served_name)
@@ -84,6 +86,11 @@ class Runtime:
             return False, self.error or self.state
         health = self.engine.health()
         return health.ok, health.reason
+
+    def draining(self) -> None:
+        """SIGTERM: /ping and new requests get 503 from now on."""
+        self.state = "stopping"
+        self.error = "the server is shutting down"
 
     def stop(self) -> None:
         self.state = "stopping"

@@ -129,6 +129,7 @@ def make_ctx(settings: Settings, engine, compile_grammar=None) -> ServingContext
 class FakeRuntime:
     def __init__(self, settings: Settings):
         self.state = "ready"
+        self.error = None
         self.engine = None
         self.fake = FakeEngine()
         self.ctx = make_ctx(settings, self.fake)
