@@ -36,9 +36,12 @@ class GrammarError(ValidationError):
 class Grammar:
     """A compiled grammar; `matcher()` gives each request (or choice) its own state."""
 
-    def __init__(self, pristine, description: str):
+    def __init__(self, pristine, description: str, source: str):
         self._pristine = pristine
         self.description = description
+        # llguidance's grammar text as compiled (a Lark grammar or its JSON form): what another
+        # engine is handed so that it enforces exactly the same constraint.
+        self.source = source
 
     def matcher(self) -> "Matcher":
         return Matcher(self._pristine.deep_copy())
@@ -125,7 +128,7 @@ class GrammarCompiler:
         if matcher.is_error():
             detail = matcher.get_error().strip().splitlines()[0][:300]
             raise GrammarError(f"`{param}` is not a valid {kind.replace('_', ' ')}: {detail}", param=param)
-        grammar = Grammar(matcher, kind)
+        grammar = Grammar(matcher, kind, source)
         with self._lock:
             self._cache[source] = grammar
             while len(self._cache) > self._cache_size:

@@ -47,6 +47,11 @@ class LoadedModel:
     served_name: str
     load_seconds: float
 
+    @property
+    def vocab_size(self) -> int:
+        mc = self.model.config
+        return (mc.get_text_config() if hasattr(mc, "get_text_config") else mc).vocab_size
+
     def describe(self) -> list[str]:
         lim = self.limits
         return [

@@ -34,7 +34,14 @@ class Metrics:
                                 "Prompt tokens whose K/V came from the prefix cache", registry=r)
 
     def render(self, engine) -> bytes:
-        if engine is not None:
+        if engine is not None and hasattr(engine, "stats"):  # ENGINE=vllm (sagellm.engine.vllm.engine)
+            stats = engine.stats()
+            self.queue.set(stats["queue"])
+            self.batch.set(stats["batch"])
+            self.steps.set(stats["steps"])
+            self.prefix_query.set(stats["prefix_query"])
+            self.prefix_hit.set(stats["prefix_hit"])
+        elif engine is not None:
             self.queue.set(len(engine.scheduler.waiting))
             self.batch.set(len(engine.scheduler.running))
             self.steps.set(engine.num_steps)

@@ -49,39 +49,72 @@ class Runtime:
             if not isinstance(exc, SagellmError):
                 log.exception("start-up failed")
             log.error("start-up failed: %s", self.error)
+            if self.engine is not None:  # vLLM's processes must not outlive us
+                self.engine.stop()
             if exit_on_failure:
                 logging.shutdown()
                 os._exit(WORKER_BOOT_ERROR)
 
     def _build(self) -> None:
-        from sagellm.engine.engine import EngineConfig, LLMEngine
+        from sagellm.engine.choice import choose_engine
         from sagellm.engine.sampling_params import SamplingParams
-        from sagellm.model import load_model
 
-        lm = load_model(self.settings)
+        name, why = choose_engine(self.settings.engine)
+        log.info("engine=%s (%s)", name, why)
+        for line in self.settings.unhonoured(name):
+            log.warning("%s", line)
+        if name == "vllm":
+            from sagellm.engine.choice import cuda_visible
+            from sagellm.engine.vllm.load import load_vllm
+
+            lm, engine = load_vllm(self.settings, "cuda" if cuda_visible() else "cpu")
+        else:
+            lm, engine = self._load_sagellm()
         for line in lm.describe():
             log.info("%s", line)
-        lim = lm.limits
-        cfg = EngineConfig(max_batch_size=lim.max_batch_size, max_prefill_tokens=lim.max_batch_prefill_tokens,
-                           max_total_tokens=lim.max_total_tokens,
-                           num_kv_blocks=max(1, lim.max_batch_total_tokens // 16), block_size=16,
-                           prefix_caching=self.settings.prefix_caching)
-        self.loaded = lm
-        engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids, device=lm.device, tp_group=lm.tp)
-        engine.start()
+        self.loaded, self.engine = lm, engine
         # Warm-up: one short generation through the whole path before /ping turns green.
         prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Hello"}])) if lm.chat.template \
             else lm.tokenizer("Hello").input_ids
         events = list(engine.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True)))
         if not events or events[-1].finish_reason is None or events[-1].error:
             raise RuntimeError(f"warm-up generation failed: {events[-1].error if events else 'no output'}")
-        self.engine = engine
         self.ctx = make_context(self.settings, lm, engine)
         from sagellm.server.handlers import Handlers
 
         self.handlers = Handlers(self.settings.model_dir, self.ctx)
         if lm.tp is not None:
             threading.Thread(target=self._watch_ranks, name="sagellm-ranks", daemon=True).start()
+        if name == "vllm":
+            threading.Thread(target=self._watch_engine, name="sagellm-watch", daemon=True).start()
+
+    def _load_sagellm(self):
+        from sagellm.engine.engine import EngineConfig, LLMEngine
+        from sagellm.model import load_model
+
+        lm = load_model(self.settings)
+        lim = lm.limits
+        cfg = EngineConfig(max_batch_size=lim.max_batch_size, max_prefill_tokens=lim.max_batch_prefill_tokens,
+                           max_total_tokens=lim.max_total_tokens,
+                           num_kv_blocks=max(1, lim.max_batch_total_tokens // 16), block_size=16,
+                           prefix_caching=self.settings.prefix_caching)
+        engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids, device=lm.device, tp_group=lm.tp)
+        engine.start()
+        return lm, engine
+
+    def _watch_engine(self) -> None:
+        """vLLM's engine core runs in its own process and can die under us (killed, out of
+        memory): fail /ping, shut down what is left of it, and stop the server, non-zero."""
+        while self.state == "ready":
+            if not self.engine.is_alive():
+                self.state = "failed"
+                self.error = "the vLLM engine core stopped"
+                log.error("%s; stopping the server", self.error)
+                time.sleep(1.0)  # let in-flight /ping calls see 503
+                self.engine.stop(timeout=10)
+                logging.shutdown()
+                os._exit(WORKER_BOOT_ERROR)
+            time.sleep(0.5)
 
     def _watch_ranks(self) -> None:
         """A dead rank can never rejoin the group: fail /ping and stop the server, non-zero."""
@@ -133,8 +166,7 @@ def make_context(settings: Settings, lm, engine) -> ServingContext:
     if not settings.disable_grammar_support:
         from sagellm.engine.constraint import GrammarCompiler
 
-        mc = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-        compile_grammar = GrammarCompiler(tok, mc.vocab_size, engine.eos_token_ids,
+        compile_grammar = GrammarCompiler(tok, lm.vocab_size, engine.eos_token_ids,
                                           timeout_s=settings.grammar_compile_timeout_s).compile
     return ServingContext(
         settings=settings, model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
