@@ -60,9 +60,6 @@ class Runtime:
         from sagellm.engine.sampling_params import SamplingParams
 
         name, why = choose_engine(self.settings.engine)
-        log.info("engine=%s (%s)", name, why)
-        for line in self.settings.unhonoured(name):
-            log.warning("%s", line)
         if name == "vllm":
             from sagellm.engine.choice import cuda_visible
             from sagellm.engine.vllm.load import load_vllm
@@ -70,6 +67,10 @@ class Runtime:
             lm, engine = load_vllm(self.settings, "cuda" if cuda_visible() else "cpu")
         else:
             lm, engine = self._load_sagellm()
+        # Logged once loaded: until gunicorn's post_worker_init has run, log lines may be lost.
+        log.info("engine=%s (%s)", name, why)
+        for line in self.settings.unhonoured(name):
+            log.warning("%s", line)
         for line in lm.describe():
             log.info("%s", line)
         self.loaded, self.engine = lm, engine
@@ -105,7 +106,7 @@ class Runtime:
     def _watch_engine(self) -> None:
         """vLLM's engine core runs in its own process and can die under us (killed, out of
         memory): fail /ping, shut down what is left of it, and stop the server, non-zero."""
-        while self.state == "ready":
+        while self.state in ("loading", "ready"):
             if not self.engine.is_alive():
                 self.state = "failed"
                 self.error = "the vLLM engine core stopped"

@@ -91,8 +91,6 @@ def load_vllm(settings: Settings, device: str) -> tuple[LoadedFrontend, VllmEngi
     chat.self_test()
     world = check_degree(settings.num_shard, config, device)
     args, warnings = engine_args(settings, source.path, config, device, world)
-    for line in warnings:
-        log.warning("%s", line)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     engine = VllmEngine(args, tokenizer, _eos_ids(_EosSource(source.path), tokenizer), text_config.vocab_size)
     try:
@@ -104,6 +102,8 @@ def load_vllm(settings: Settings, device: str) -> tuple[LoadedFrontend, VllmEngi
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelLoadError(f"vLLM could not start on {source.path}: {type(exc).__name__}: {first}") from exc
+    for line in warnings:  # now, not before: gunicorn configures logging while vLLM starts
+        log.warning("%s", line)
     frontend = LoadedFrontend(
         tokenizer=tokenizer, source=source, device=device, dtype=engine.dtype,
         eos_token_ids=engine.eos_token_ids, chat=chat, limits=limits,
