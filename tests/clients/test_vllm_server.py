@@ -141,6 +141,19 @@ def test_structured_output(client):
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
+def test_tool_calls_as_our_engine(client, ours):
+    """Tools compile to one JSON-schema grammar on our side; vLLM enforces the same one."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}}
+    kw = dict(tools=[weather], tool_choice="required", max_tokens=100)
+    got, want = chat(client, "What is the weather in Paris?", **kw), chat(ours, "What is the weather in Paris?", **kw)
+    calls = got.choices[0].message.tool_calls
+    assert got.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == json.loads(want.choices[0].message.tool_calls[0].function.arguments)
+
+
 def test_what_vllm_cannot_do_is_a_422_naming_field_and_engine(vllm_server):
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 4, "do_sample": True, "typical_p": 0.5}}
     r = requests.post(vllm_server.url + "/generate", json=body, timeout=60)
