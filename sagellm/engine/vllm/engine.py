@@ -35,7 +35,6 @@ class VllmEngine:
         self._llm = None
         self._requests: dict[str, VllmRequest] = {}
         self._stopping = False
-        self.fatal_error: BaseException | None = None
         self.last_progress = time.monotonic()
         self.num_steps = 0  # engine-core iterations reported (sagellm_engine_steps)
         self._sched = {"queue": 0, "batch": 0, "prefix_query": 0, "prefix_hit": 0}
@@ -80,7 +79,7 @@ class VllmEngine:
 
     def is_alive(self) -> bool:
         return (self._thread is not None and self._thread.is_alive() and self._llm is not None
-                and not self._llm.errored and self.fatal_error is None and not self._stopping)
+                and not self._llm.errored and not self._stopping)
 
     def num_pending(self) -> int:
         return len(self._requests)
