@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Serve the bundled model with sagellm (and, where installed, vLLM for CPU and llama-cpp-python),
-drive each with ../shared/bench/loadgen.py over a concurrency grid, and print one table with our
+drive each with bench/loadgen.py over a concurrency grid, and print one table with our
 figures as ratios to the peers' from the same run.
 
     python bench/run.py                      # sagellm only (make bench)
@@ -25,7 +25,7 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-LOADGEN = ROOT.parent / "shared" / "bench" / "loadgen.py"
+LOADGEN = ROOT / "bench" / "loadgen.py"
 SMOLLM_EOS = [2]  # <|im_end|>: banned through logit_bias for servers without min_tokens
 
 

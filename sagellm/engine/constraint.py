@@ -39,9 +39,7 @@ class Grammar:
     def __init__(self, pristine, description: str, source: str):
         self._pristine = pristine
         self.description = description
-        # llguidance's grammar text as compiled (a Lark grammar or its JSON form): what another
-        # engine is handed so that it enforces exactly the same constraint.
-        self.source = source
+        self.source = source  # llguidance's grammar text: what an engine with its own matcher takes
 
     def matcher(self) -> "Matcher":
         return Matcher(self._pristine.deep_copy())

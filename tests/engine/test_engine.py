@@ -225,12 +225,13 @@ def plain_transformers_model(loaded_model):
     the tensor-parallel ranks run (logits_to_keep), not the lean one."""
     from transformers import AutoModelForCausalLM
 
-    from sagellm.engine import attention
+    from sagellm.model import attention
+    from sagellm.model.forward import ModelForward
 
     attention.register()
-    model = AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
-                                                 attn_implementation=attention.ATTN_IMPLEMENTATION).eval()
-    assert getattr(model, "sagellm_fast", None) is None
+    model = ModelForward(AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
+                                                              attn_implementation=attention.ATTN_IMPLEMENTATION).eval())
+    assert model.fast is None
     return model
 
 

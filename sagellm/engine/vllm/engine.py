@@ -1,7 +1,7 @@
 """vLLM's V1 AsyncLLM in process (its engine core in its own process, as vLLM runs it), driven
-from one asyncio event-loop thread and bridged to synchronous callers: `submit` returns the same
-RequestHandle as sagellm's engine, `abort`, `is_alive`, `num_pending`, `last_progress`, `stats`,
-`limits` and `stop` are what the runtime and /metrics read."""
+from one asyncio event-loop thread and bridged to synchronous callers: `submit` returns a
+QueueStream the loop thread fills, as sagellm's engine does; `abort`, `is_alive`, `num_pending`,
+`last_progress`, `stats`, `limits` and `stop` are what VllmEngineClient reads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from sagellm.engine.engine import EngineDead, RequestHandle
+from sagellm.engine.client import EngineDead, QueueStream
 from sagellm.engine.events import FinishReason
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.vllm.params import ENGINE, check_supported, to_vllm
@@ -37,7 +37,7 @@ class VllmEngine:
         self._stopping = False
         self.last_progress = time.monotonic()
         self.num_steps = 0  # engine-core iterations reported (sagellm_engine_steps)
-        self._sched = {"queue": 0, "batch": 0, "prefix_query": 0, "prefix_hit": 0}
+        self._sched = {"queue": 0, "batch": 0, "prefix_query": 0, "prefix_hit": 0, "kv_usage": 0.0}
 
     # ---- lifecycle ----
 
@@ -87,7 +87,7 @@ class VllmEngine:
     # ---- requests (any thread but the loop's) ----
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None) -> QueueStream:
         if not self.is_alive():
             raise EngineDead("the engine is not running")
         check_supported(params)
@@ -109,7 +109,8 @@ class VllmEngine:
             if not self.is_alive():
                 raise EngineDead(f"the vLLM engine stopped: {type(exc).__name__}") from exc
             raise
-        return RequestHandle(self, req)
+        return QueueStream(req.request_id, len(prompt_ids), params.seed if params.do_sample else None, req.events,
+                           self.is_alive, lambda: self.abort(req.request_id))
 
     def abort(self, request_id: str) -> None:
         try:
@@ -173,10 +174,11 @@ class VllmEngine:
     def dtype(self):
         return self._llm.vllm_config.model_config.dtype
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         """queue, batch (requests waiting / running in vLLM's scheduler), steps, prefix_query and
-        prefix_hit (prompt tokens looked up / found in the prefix cache, summed)."""
-        return {**self._sched, "steps": self.num_steps}
+        prefix_hit (prompt tokens looked up / found in the prefix cache, summed), kv_usage (the
+        share of KV cache blocks in use), kv_blocks (their number)."""
+        return {**self._sched, "steps": self.num_steps, "kv_blocks": self._llm.vllm_config.cache_config.num_gpu_blocks or 0}
 
     def _stat_logger(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -197,6 +199,7 @@ class VllmEngine:
                     s["queue"], s["batch"] = scheduler_stats.num_waiting_reqs, scheduler_stats.num_running_reqs
                     s["prefix_query"] += scheduler_stats.prefix_cache_stats.queries
                     s["prefix_hit"] += scheduler_stats.prefix_cache_stats.hits
+                    s["kv_usage"] = scheduler_stats.kv_cache_usage
 
             def log_engine_initialized(self):
                 pass

@@ -1,5 +1,5 @@
 """One request's vLLM outputs as our TokenEvents: the detokenizer, stop-string matcher and finish
-rules of sagellm's own engine (LLMEngine._append_token), fed with the tokens and logprobs vLLM
+rules of sagellm's own engine (sagellm.engine.output, .stopping), fed with the tokens and logprobs vLLM
 samples, so every caller reads the same event stream from either engine."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import queue
 import time
 
-from sagellm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from sagellm.engine.detokenizer import StopMatcher, make_detokenizer
 from sagellm.engine.events import FinishReason, PromptToken, TokenEvent, TopToken
 from sagellm.engine.sampling_params import SamplingParams
 
@@ -18,7 +18,7 @@ _FINISH = {"stop": FinishReason.EOS_TOKEN, "length": FinishReason.LENGTH,
 
 
 class VllmRequest:
-    """What RequestHandle reads (request_id, prompt_ids, params, events) and the state that turns
+    """What its QueueStream reads (request_id, prompt_ids, params, events) and the state that turns
     vLLM's deltas into events. Fed on the engine's event-loop thread only."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer,
@@ -32,7 +32,7 @@ class VllmRequest:
         self.task = None  # the asyncio task pumping vLLM's outputs into `feed`
         self._tokenizer = tokenizer
         self._special_ids = special_ids
-        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._detokenizer = make_detokenizer(tokenizer, prompt_ids)
         self._stop_matcher = StopMatcher(params.stop)
 
     def feed(self, out) -> bool:
