@@ -14,7 +14,7 @@ from sagellm.engine.engine import EngineConfig, LLMEngine
 from sagellm.engine.frontend import describe_limits, grammar_compiler, warm_up
 from sagellm.engine.limits import derive_limits
 from sagellm.engine.sagellm_client import SagellmEngineClient
-from sagellm.errors import ModelLoadError
+from sagellm.model import quantization
 from sagellm.model.loader import load_model, open_model, pick_device
 from sagellm.settings import Settings
 
@@ -40,17 +40,16 @@ def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
 
 
 def _build_sagellm(settings: Settings, device: str) -> EngineClient:
-    if settings.quantize:
-        raise ModelLoadError(f"HF_MODEL_QUANTIZE={settings.quantize} is not supported yet; "
-                             "serve unquantized weights")
     files = open_model(settings)
+    quantization.load_kwargs(settings, files.config)  # refused before any rank starts
     world = check_degree(settings.num_shard, files.config, device)
     # Followers start now: every rank loads its shard of the weights at the same time.
     tp = TPGroup(world, device, files.source.path) if world > 1 else None
     try:
         lm = load_model(settings, device, files, tp_size=world)
         limits = derive_limits(settings, lm.model.config, device, lm.dtype, world)
-        for line in lm.describe() + [f"tensor_parallel={world}", describe_limits(limits)]:
+        for line in (lm.describe() + quantization.describe(files.config, str(lm.dtype)[6:])
+                     + [f"tensor_parallel={world}", describe_limits(limits)]):
             log.info("%s", line)
         engine = LLMEngine(lm.model, lm.tokenizer, _engine_config(settings, limits), lm.eos_token_ids,
                            device=lm.device, tp_group=tp)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from sagellm.errors import ModelLoadError
-from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, probe
+from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, probe, quantization
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.forward import ModelForward
 from sagellm.model.resolve import ModelSource, resolve_model
@@ -83,12 +84,14 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
 
     attention.register()
     kwargs = dict(dtype=_dtype(settings, device), attn_implementation=attention.ATTN_IMPLEMENTATION,
-                  trust_remote_code=settings.trust_remote_code)
+                  trust_remote_code=settings.trust_remote_code, **quantization.load_kwargs(settings, path))
     tp = tp_size > 1
     if tp:
         kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the point
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise load_error(path, exc) from exc
     kernels = fast = None
