@@ -2,74 +2,32 @@
 answers as the same server on our engine does, /ping is 503 until vLLM is up, SIGTERM drains and
 leaves no process behind, and a dead engine core stops the server, non-zero.
 
-The server runs vLLM eagerly (SM_VLLM_ENFORCE_EAGER, which also checks the pass-through of
-`vllm serve` flags): torch.compile adds a minute or more to every start on this machine."""
+The shared server is conftest's `vllm_server` (eager: SM_VLLM_ENFORCE_EAGER, which also checks the
+pass-through of `vllm serve` flags); the two tests that end a server start one of their own."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
 
 import jsonschema
-import psutil
 import pytest
 import requests
 
-from conftest import Server
+from conftest import Server, session_processes, start_vllm_server, stop_vllm_server
 
 openai = pytest.importorskip("openai")
 
-VLLM_ENV = {"ENGINE": "vllm", "KV_CACHE_MEMORY_MB": "1024", "MAX_TOTAL_TOKENS": "2048",
-            "MAX_CONCURRENT_REQUESTS": "16", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "SM_VLLM_ENFORCE_EAGER": ""}
-START_S = 600
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?"]
 
 
-def session_processes(srv: Server) -> list[psutil.Process]:
-    """Every process still in the server's session (it was started as a session leader)."""
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == srv.proc.pid:
-                out.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    return out
-
-
-def wait_gone(srv: Server, timeout: float) -> list[psutil.Process]:
+def wait_gone(srv: Server, timeout: float) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and session_processes(srv):
         time.sleep(0.2)
     return session_processes(srv)
-
-
-@pytest.fixture(scope="module")
-def vllm_server():
-    srv = Server(env=VLLM_ENV, wait=False)
-    try:
-        saw_503 = requests.get(srv.url + "/ping", timeout=5).status_code if _listening(srv) else None
-        srv.wait_ready(START_S)
-        srv.saw_503 = saw_503
-        yield srv
-    finally:
-        srv.stop()
-        for proc in session_processes(srv):  # never leave vLLM's processes to the next tests
-            proc.kill()
-
-
-def _listening(srv: Server, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            requests.get(srv.url + "/ping", timeout=2)
-            return True
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -174,22 +132,27 @@ def test_metrics_carry_the_engine_gauges(vllm_server):
     assert steps > 0
 
 
-def test_sigterm_drains_a_stream_and_leaves_no_process(vllm_server, client):
-    """Last in the module: it stops the shared server."""
-    assert any(p.name().startswith("VLLM") for p in session_processes(vllm_server))
-    # Short enough to end within GRACEFUL_TERMINATION_TIMEOUT (25 s) on this slow machine.
-    stream = chat(client, "Count from one to fifty, in words.", stream=True, max_tokens=30,
-                  extra_body={"ignore_eos": True})
-    chunks = [next(iter(stream))]
-    threading.Timer(0.1, vllm_server.proc.send_signal, args=(signal.SIGTERM,)).start()
-    chunks.extend(stream)  # the stream runs to its end while the server drains
-    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length"]
-    assert vllm_server.proc.wait(60) == 0
-    assert wait_gone(vllm_server, 30) == []
+def test_sigterm_drains_a_stream_and_leaves_no_process():
+    """On a server of its own: it stops the server (conftest's vllm_server serves the other suites)."""
+    srv = start_vllm_server()
+    try:
+        assert any(p.name().startswith("VLLM") for p in session_processes(srv))
+        # Short enough to end within GRACEFUL_TERMINATION_TIMEOUT (25 s) on this slow machine.
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=300, max_retries=0)
+        stream = chat(c, "Count from one to fifty, in words.", stream=True, max_tokens=30,
+                      extra_body={"ignore_eos": True})
+        chunks = [next(iter(stream))]
+        threading.Timer(0.1, srv.proc.send_signal, args=(signal.SIGTERM,)).start()
+        chunks.extend(stream)  # the stream runs to its end while the server drains
+        assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length"]
+        assert srv.proc.wait(60) == 0
+        assert wait_gone(srv, 30) == []
+    finally:
+        stop_vllm_server(srv)
 
 
 def test_a_dead_engine_core_fails_ping_and_stops_the_server_non_zero():
-    srv = Server(env=VLLM_ENV, timeout=START_S)
+    srv = start_vllm_server()
     try:
         core = next(p for p in session_processes(srv) if p.name().startswith("VLLM::EngineCor"))
         core.kill()
@@ -205,6 +168,4 @@ def test_a_dead_engine_core_fails_ping_and_stops_the_server_non_zero():
         assert srv.proc.poll() not in (None, 0)
         assert wait_gone(srv, 30) == []
     finally:
-        srv.stop()
-        for proc in session_processes(srv):
-            proc.kill()
+        stop_vllm_server(srv)

@@ -38,8 +38,11 @@ class VllmEngineClient(TextClient):
 
     def stats(self) -> EngineStats:
         s = self.engine.stats()
+        # vLLM's scheduler figures come with its outputs, so they keep the last batch's after the
+        # last request ends (aborted, or finished alone): with none of ours pending, none run.
+        waiting, running = (s["queue"], s["batch"]) if self.engine.num_pending() else (0, 0)
         # vLLM reports the share of its blocks in use; the blocks are its own (16 tokens on CPU).
-        return EngineStats(num_waiting=s["queue"], num_running=s["batch"], num_steps=s["steps"],
+        return EngineStats(num_waiting=waiting, num_running=running, num_steps=s["steps"],
                            prefix_query_tokens=s["prefix_query"], prefix_hit_tokens=s["prefix_hit"],
                            kv_blocks_used=round(s["kv_usage"] * s["kv_blocks"]), kv_blocks_total=s["kv_blocks"])
 
