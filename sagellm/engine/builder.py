@@ -1,18 +1,21 @@
 """build_engine(settings): the one place the engine is built, from the model files to the
-warmed-up EngineClient the server hands the API layer: tensor-parallel ranks, the weights and
-what runs them (kernels, lean decoder), the limits, the KV cache, the grammar compiler."""
+warmed-up EngineClient the server hands the API layer. ENGINE picks which (sagellm.engine.choice);
+for ours: tensor-parallel ranks, the weights and what runs them (kernels, lean decoder), the
+limits, the KV cache, the grammar compiler; vLLM's is built by sagellm.engine.vllm.build."""
 
 from __future__ import annotations
 
 import logging
 
+from sagellm.engine.choice import choose_engine
 from sagellm.engine.client import EngineClient, Limits, ModelInfo
 from sagellm.engine.distributed import TPGroup, check_degree
 from sagellm.engine.engine import EngineConfig, LLMEngine
+from sagellm.engine.frontend import describe_limits, grammar_compiler, vocab_size, warm_up
 from sagellm.engine.limits import derive_limits
 from sagellm.engine.sagellm_client import SagellmEngineClient
-from sagellm.engine.sampling_params import SamplingParams
-from sagellm.model.loader import LoadedModel, load_model, open_model, pick_device
+from sagellm.model import quantization
+from sagellm.model.loader import load_model, open_model, pick_device
 from sagellm.settings import Settings
 
 log = logging.getLogger("sagellm")
@@ -21,21 +24,45 @@ BLOCK_SIZE = 16  # tokens per KV cache block (and per prefix-cache entry)
 
 
 def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
+    name, why = choose_engine(settings.engine)
     device = device or pick_device()
+    if name == "vllm":
+        from sagellm.engine.vllm.build import build_vllm
+
+        client = build_vllm(settings, device)
+    else:
+        client = _build_sagellm(settings, device)
+    # Logged once built: until gunicorn's post_worker_init has run, log lines may be lost.
+    log.info("engine=%s (%s)", name, why)
+    for line in settings.unhonoured(name):
+        log.warning("%s", line)
+    return client
+
+
+def _build_sagellm(settings: Settings, device: str) -> EngineClient:
     files = open_model(settings)
+    quantization.load_kwargs(settings, files.config)  # refused before any rank starts
     world = check_degree(settings.num_shard, files.config, device)
     # Followers start now: every rank loads its shard of the weights at the same time.
     tp = TPGroup(world, device, files.source.path) if world > 1 else None
     try:
         lm = load_model(settings, device, files, tp_size=world)
         limits = derive_limits(settings, lm.model.config, device, lm.dtype, world)
-        for line in lm.describe() + [f"tensor_parallel={world}", _describe(limits)]:
+        for line in (lm.describe() + quantization.describe(files.config, str(lm.dtype)[6:])
+                     + [f"tensor_parallel={world}", describe_limits(limits)]):
             log.info("%s", line)
         engine = LLMEngine(lm.model, lm.tokenizer, _engine_config(settings, limits), lm.eos_token_ids,
                            device=lm.device, tp_group=tp)
         engine.start()
+        info = ModelInfo(model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
+                         dtype=str(lm.dtype).replace("torch.", ""),
+                         vocab_size=vocab_size(lm.tokenizer, lm.model.config))
+        client = SagellmEngineClient(engine, model=info, limits=limits, tokenizer=lm.tokenizer, chat=lm.chat,
+                                     grammars=grammar_compiler(settings, lm.tokenizer, lm.model.config,
+                                                               lm.eos_token_ids),
+                                     watchdog_timeout_s=settings.watchdog_timeout_s, tp_group=tp)
         try:
-            _warm_up(engine, lm)
+            warm_up(client, lm.chat)
         except BaseException:
             engine.stop()
             raise
@@ -43,12 +70,7 @@ def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
         if tp is not None:
             tp.shutdown(timeout=1)
         raise
-    info = ModelInfo(model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
-                     dtype=str(lm.dtype).replace("torch.", ""),
-                     vocab_size=min(len(lm.tokenizer), _text_config(lm.model.config).vocab_size))
-    return SagellmEngineClient(engine, model=info, limits=limits, tokenizer=lm.tokenizer, chat=lm.chat,
-                               grammars=_grammars(settings, lm), watchdog_timeout_s=settings.watchdog_timeout_s,
-                               tp_group=tp)
+    return client
 
 
 def _engine_config(settings: Settings, limits: Limits) -> EngineConfig:
@@ -56,32 +78,3 @@ def _engine_config(settings: Settings, limits: Limits) -> EngineConfig:
                         max_total_tokens=limits.max_total_tokens,
                         num_kv_blocks=max(1, limits.max_batch_total_tokens // BLOCK_SIZE), block_size=BLOCK_SIZE,
                         prefix_caching=settings.prefix_caching)
-
-
-def _describe(lim: Limits) -> str:
-    return (f"max_input_tokens={lim.max_input_tokens} max_total_tokens={lim.max_total_tokens} "
-            f"max_batch_prefill_tokens={lim.max_batch_prefill_tokens} "
-            f"max_batch_total_tokens={lim.max_batch_total_tokens} max_batch_size={lim.max_batch_size}")
-
-
-def _grammars(settings: Settings, lm: LoadedModel):
-    """The llguidance compiler for this tokenizer, or None under DISABLE_GRAMMAR_SUPPORT."""
-    if settings.disable_grammar_support:
-        return None
-    from sagellm.engine.constraint import GrammarCompiler
-
-    vocab = _text_config(lm.model.config).vocab_size
-    return GrammarCompiler(lm.tokenizer, vocab, lm.eos_token_ids, timeout_s=settings.grammar_compile_timeout_s)
-
-
-def _warm_up(engine: LLMEngine, lm: LoadedModel) -> None:
-    """One short generation through the whole path before /ping turns green."""
-    prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Hello"}])) if lm.chat.template \
-        else lm.tokenizer("Hello").input_ids
-    events = list(engine.submit(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True)))
-    if not events or events[-1].finish_reason is None or events[-1].error:
-        raise RuntimeError(f"warm-up generation failed: {events[-1].error if events else 'no output'}")
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config

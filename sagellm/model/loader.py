@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from sagellm.errors import ModelLoadError
-from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, probe
+from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, probe, quantization
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.forward import ModelForward
 from sagellm.model.resolve import ModelSource, resolve_model
@@ -42,6 +43,11 @@ class LoadedModel:
     served_name: str
     load_seconds: float
 
+    @property
+    def vocab_size(self) -> int:
+        mc = self.model.config
+        return (mc.get_text_config() if hasattr(mc, "get_text_config") else mc).vocab_size
+
     def describe(self) -> list[str]:
         return [
             f"model={self.source.model_id} ({self.source.kind}, {self.source.path})",
@@ -63,7 +69,7 @@ def _dtype(settings: Settings, device: str) -> torch.dtype:
     return torch.bfloat16
 
 
-def _load_error(path: str, exc: Exception) -> ModelLoadError:
+def load_error(path: str, exc: Exception) -> ModelLoadError:
     first = str(exc).splitlines()[0] if str(exc) else ""
     return ModelLoadError(f"could not load the model from {path}: {type(exc).__name__}: {first}")
 
@@ -78,14 +84,16 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
 
     attention.register()
     kwargs = dict(dtype=_dtype(settings, device), attn_implementation=attention.ATTN_IMPLEMENTATION,
-                  trust_remote_code=settings.trust_remote_code)
+                  trust_remote_code=settings.trust_remote_code, **quantization.load_kwargs(settings, path))
     tp = tp_size > 1
     if tp:
         kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the point
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise _load_error(path, exc) from exc
+        raise load_error(path, exc) from exc
     kernels = fast = None
     if device == "cpu" and settings.cpu_kernels and model.dtype in cpu_kernels.DTYPES:
         kernels = cpu_kernels.load(bundled.default_cache_dir(settings.cache_dir))
@@ -106,14 +114,11 @@ def open_model(settings: Settings) -> ModelFiles:
     from transformers import AutoConfig, AutoTokenizer
 
     source = resolve_model(settings)
-    if settings.quantize:
-        raise ModelLoadError(f"HF_MODEL_QUANTIZE={settings.quantize} is not supported yet; "
-                             "serve unquantized weights")
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=settings.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=settings.trust_remote_code)
     except Exception as exc:
-        raise _load_error(source.path, exc) from exc
+        raise load_error(source.path, exc) from exc
     return ModelFiles(source, config, tokenizer)
 
 
@@ -131,14 +136,15 @@ def load_model(settings: Settings, device: str | None = None, files: ModelFiles 
     chat.self_test()
     return LoadedModel(
         model=model, tokenizer=tokenizer, source=source, device=device, dtype=model.dtype,
-        eos_token_ids=_eos_ids(model.module, tokenizer), chat=chat,
+        eos_token_ids=eos_token_ids(getattr(model.module, "generation_config", None), tokenizer), chat=chat,
         served_name=settings.served_model_name or source.model_id,
         load_seconds=time.monotonic() - t0)
 
 
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+def eos_token_ids(generation_config, tokenizer) -> tuple[int, ...]:
+    """generation_config's EOS ids (it may list several), then the tokenizer's."""
     ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
+    gen = generation_config
     for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if v is not None and v not in ids:

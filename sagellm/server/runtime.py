@@ -75,6 +75,7 @@ class Runtime:
                 self.error = health.reason
                 log.error("%s; stopping the server", self.error)
                 time.sleep(1.0)  # let in-flight /ping calls see 503
+                self.engine.shutdown()  # what is left of it (vLLM's processes, ranks) must not outlive us
                 logging.shutdown()
                 os._exit(WORKER_BOOT_ERROR)
             time.sleep(0.5)

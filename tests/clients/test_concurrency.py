@@ -3,10 +3,13 @@ same request's answer when it ran alone (continuous batching, no cross-talk)."""
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from helpers import chat_body, chat_stream_text, openai_stream_json, post, read_stream
 
@@ -41,6 +44,12 @@ NATIVE_PROMPTS = [
     "Water freezes at",
     "In the year 2050,",
 ]
+
+
+@pytest.fixture(scope="module")
+def server(engine_server):
+    """This suite runs on both engines (conftest.engine_server): ours, then vLLM."""
+    return engine_server
 
 
 def _chat_single(server, q: str) -> dict:
@@ -129,3 +138,29 @@ def test_mixed_chat_streams_and_native_generate(server, chat_singles, native_sin
         assert got["details"]["finish_reason"] == single["details"]["finish_reason"], p
         assert got["details"]["generated_tokens"] == single["details"]["generated_tokens"], p
         assert [t["id"] for t in got["details"]["tokens"]] == [t["id"] for t in single["details"]["tokens"]], p
+
+
+def _in_flight(server) -> float:
+    """Requests the engine holds (waiting + running), from /metrics."""
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    return sum(float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+               for name in ("tgi_queue_size", "tgi_batch_current_size"))
+
+
+def test_a_client_that_leaves_mid_stream_ends_its_request(server, chat_singles):
+    """The engine stops generating for nobody: 1500 tokens would take minutes here."""
+    resp = post(server, "/v1/chat/completions",
+                chat_body("Tell me a long story.", 1500, stream=True, ignore_eos=True), stream=True)
+    assert resp.status_code == 200, resp.text
+    chunks = resp.iter_content(chunk_size=None)
+    next(chunks)  # the first bytes: it is generating
+    deadline = time.monotonic() + 10
+    while _in_flight(server) < 1 and time.monotonic() < deadline:  # the gauges follow the steps
+        next(chunks)
+    assert _in_flight(server) >= 1
+    resp.close()  # the client leaves
+    deadline = time.monotonic() + 60
+    while _in_flight(server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _in_flight(server) == 0
+    assert _chat_single(server, QUESTIONS[0])["choices"][0]["message"] == chat_singles[0]["choices"][0]["message"]

@@ -15,6 +15,12 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
+def server(engine_server):
+    """This suite runs on both engines (conftest.engine_server): ours, then vLLM."""
+    return engine_server
+
+
+@pytest.fixture(scope="module")
 def info(server):
     r = requests.get(server.url + "/info", timeout=10)
     assert r.status_code == 200

@@ -13,6 +13,12 @@ MESSAGES = [{"role": "user", "content": "Name three colors."}]
 
 
 @pytest.fixture(scope="module")
+def server(engine_server):
+    """This suite runs on both engines (conftest.engine_server): ours, then vLLM."""
+    return engine_server
+
+
+@pytest.fixture(scope="module")
 def tgi(server):
     return text_generation.Client(server.url, timeout=300)
 

@@ -12,6 +12,12 @@ MESSAGES = [{"role": "user", "content": QUESTION}]
 
 
 @pytest.fixture(scope="module")
+def server(engine_server):
+    """This suite runs on both engines (conftest.engine_server): ours, then vLLM."""
+    return engine_server
+
+
+@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=300, max_retries=0)
 

@@ -20,6 +20,12 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?
         "temperature": 0}
 
 
+@pytest.fixture(scope="module")
+def server(engine_server):
+    """This suite runs on both engines (conftest.engine_server): ours, then vLLM."""
+    return engine_server
+
+
 def start(container: str) -> tuple[ThreadingHTTPServer, str]:
     port = free_port()
     emu = serve(container, port)

@@ -16,6 +16,12 @@ PROMPT = "The capital of France is"
 QUESTION = "Name three colors."
 
 
+@pytest.fixture(scope="module")
+def server(engine_server):
+    """This suite runs on both engines (conftest.engine_server): ours, then vLLM."""
+    return engine_server
+
+
 def _read_to_eof(resp: requests.Response) -> bytes:
     """The whole body, as a client that reads until the server ends the response does."""
     buf = b""
@@ -228,7 +234,13 @@ def test_metrics_engine_phases(server):
     text = requests.get(server.url + "/metrics", timeout=30).text
     steps = float(re.search(r"^sagellm_engine_steps (\S+)$", text, re.M).group(1))
     phases = dict(re.findall(r'^sagellm_engine_phase_seconds\{phase="(\w+)"\} (\S+)$', text, re.M))
-    assert steps >= 2 and set(phases) == {"schedule", "prepare", "forward", "sample", "output"}
+    assert steps >= 2
+    if server.engine == "vllm":
+        # Documented difference (README, two engines): vLLM's engine core runs in its own process
+        # and reports no per-phase times, so the series is absent rather than zeros.
+        assert phases == {}
+        return
+    assert set(phases) == {"schedule", "prepare", "forward", "sample", "output"}
     assert float(phases["forward"]) > 0
 
 

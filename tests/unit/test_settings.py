@@ -11,6 +11,7 @@ from sagellm.settings import VARS, Settings, markdown_table
 
 # One valid raw value per field and what it parses to; every alias is tried with it.
 SAMPLES = {
+    "engine": ("VLLM", "vllm"),
     "model_id": ("org/model", "org/model"),
     "revision": ("main", "main"),
     "hf_token": ("hf_abcdefghijkl", "hf_abcdefghijkl"),
@@ -63,7 +64,7 @@ ALIASES = [(var.field, name) for var in VARS for name in var.names]
 
 
 def test_table_covers_every_field():
-    env_fields = {f.name for f in dataclasses.fields(Settings)} - {"hf_token_source", "sources"}
+    env_fields = {f.name for f in dataclasses.fields(Settings)} - {"hf_token_source", "sources", "vllm_flags"}
     assert [var.field for var in VARS] == [f for f in SAMPLES]
     assert {var.field for var in VARS} == env_fields
 
