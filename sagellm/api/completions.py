@@ -47,7 +47,8 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
         jobs.extend((ids, nth_params(params, j)) for j in range(n))
         texts.extend([text] * n)
     streams = submit_all(ctx, jobs)
-    head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=ctx.engine.model.served_name,
+    head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                model=jobs[0][1].adapter or ctx.engine.model.served_name,
                 system_fingerprint=FINGERPRINT)
     if req.stream:
         return StreamResponse(_stream(req, streams, head, n_prompt), dict(SSE_HEADERS))

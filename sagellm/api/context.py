@@ -21,6 +21,8 @@ class ServingContext:
     engine: EngineClient
     # The server wraps each of a request's streams so that a client that goes away aborts it.
     watch: Callable[[RequestStream], RequestStream] = _unwatched
+    # SageMaker's X-Amzn-SageMaker-Adapter-Identifier header, if the request has one (api/adapters.py).
+    adapter_header: str | None = None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         return self.watch(self.engine.submit(prompt_ids, params))

@@ -148,6 +148,11 @@ class EngineClient(ABC):
     @abstractmethod
     def abort(self, request_id: str) -> None: ...
 
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name (SamplingParams.adapter); none unless the engine
+        serves adapters."""
+        return ()
+
     @abstractmethod
     def health(self) -> Health: ...
 

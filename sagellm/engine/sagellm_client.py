@@ -9,6 +9,7 @@ from sagellm.engine.client import EngineStats, Health, Limits, ModelInfo, Reques
 from sagellm.engine.engine import LLMEngine
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.text import TextClient
+from sagellm.errors import NotFound
 
 
 class SagellmEngineClient(TextClient):
@@ -23,6 +24,8 @@ class SagellmEngineClient(TextClient):
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                request_id: str | None = None) -> RequestStream:
+        if params.adapter is not None and params.adapter not in self.adapter_names():
+            raise NotFound(f"adapter `{params.adapter}` is not loaded", param="adapter_id")
         return self.engine.submit(prompt_ids, params, request_id)
 
     def abort(self, request_id: str) -> None:

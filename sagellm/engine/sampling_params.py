@@ -30,6 +30,8 @@ class SamplingParams:
     grammar: object | None = None
     # Score every prompt token (TGI's decoder_input_details); delivered on the first TokenEvent.
     prompt_logprobs: bool = False
+    # The LoRA adapter to run with (its name, as EngineClient.adapter_names lists it); None: the base model.
+    adapter: str | None = None
 
     @property
     def needs_penalties(self) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from flask import Response, current_app, g, request
 
-from sagellm.api import invocations
+from sagellm.api import adapters, invocations
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import Flavor
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
@@ -115,9 +115,10 @@ def _release(st: ServerState) -> None:
 
 
 def _watched(ctx: ServingContext) -> ServingContext:
-    """This request's context: a client that disconnects aborts its streams."""
+    """This request's context: a client that disconnects aborts its streams; the adapter header."""
     sock = request.environ.get("gunicorn.socket")
-    return dataclasses.replace(ctx, watch=lambda stream: WatchedStream(stream, sock))
+    return dataclasses.replace(ctx, watch=lambda stream: WatchedStream(stream, sock),
+                               adapter_header=request.headers.get(adapters.HEADER))
 
 
 def _refuse(st: ServerState, exc: Exception, flavor: Flavor, path: str, t0: float, request_id: str) -> Response:
