@@ -4,7 +4,7 @@ the engine the API layer has), and how this request's streams are watched."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sagellm.engine.client import EngineClient, RequestStream
 from sagellm.engine.sampling_params import SamplingParams
@@ -23,6 +23,11 @@ class ServingContext:
     watch: Callable[[RequestStream], RequestStream] = _unwatched
     # SageMaker's X-Amzn-SageMaker-Adapter-Identifier header, if the request has one (api/adapters.py).
     adapter_header: str | None = None
+    # What the request ran with, for its log line and metrics: "adapter" (the LoRA adapter's name).
+    notes: dict = field(default_factory=dict)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        return self.watch(self.engine.submit(prompt_ids, params))
+        stream = self.watch(self.engine.submit(prompt_ids, params))
+        if params.adapter is not None:
+            self.notes["adapter"] = params.adapter
+        return stream

@@ -54,17 +54,24 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
             log_request(id=request_id, route=path, body=body)
         _admit(st)
         admitted = True
-        result = handler(_watched(st.runtime.ctx), body)
+        ctx = _watched(st.runtime.ctx)
+        result = handler(ctx, body)
     except Exception as exc:
         if admitted:
             _release(st)
         return _refuse(st, exc, flavor or "tgi", path, t0, request_id)
 
+    adapter = ctx.notes.get("adapter")
+
     def done() -> None:
         _release(st)
         st.metrics.success.inc()
         st.metrics.duration.observe(time.monotonic() - t0)
-        _log(path, 200, t0, request_id)
+        if adapter is not None:
+            st.metrics.adapter_requests.labels(adapter).inc()
+            _log(path, 200, t0, request_id, adapter=adapter)
+        else:
+            _log(path, 200, t0, request_id)
 
     return to_flask(result, done)
 
@@ -75,6 +82,23 @@ def informational(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor =
         return to_flask(fn(_ready(state().runtime)), lambda: None)
     except SagellmError as exc:
         return error_response(exc, flavor)
+
+
+def admin(fn: Callable[..., JsonResponse | RawResponse], flavor: Flavor = "tgi", *args, body: bool = True
+          ) -> Response:
+    """A route that changes what the server serves (LoRA adapters): the API key, readiness and
+    the JSON body, then fn(ctx, body, *args) (fn(ctx, *args) without a body)."""
+    st = state()
+    t0, request_id = time.monotonic(), g.request_id
+    try:
+        _authorize(st.settings)
+        ctx = _ready(st.runtime)
+        given = (json_body(st.settings.payload_limit),) if body else ()
+        result = fn(ctx, *given, *args)
+    except Exception as exc:
+        return _refuse(st, exc, flavor, request.path, t0, request_id)
+    _log(request.path, 200, t0, request_id)
+    return to_flask(result, lambda: None)
 
 
 def health() -> Response:
@@ -118,7 +142,7 @@ def _watched(ctx: ServingContext) -> ServingContext:
     """This request's context: a client that disconnects aborts its streams; the adapter header."""
     sock = request.environ.get("gunicorn.socket")
     return dataclasses.replace(ctx, watch=lambda stream: WatchedStream(stream, sock),
-                               adapter_header=request.headers.get(adapters.HEADER))
+                               adapter_header=request.headers.get(adapters.HEADER), notes={})
 
 
 def _refuse(st: ServerState, exc: Exception, flavor: Flavor, path: str, t0: float, request_id: str) -> Response:

@@ -1,12 +1,12 @@
-"""The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/models, and vLLM's LoRA adapter routes."""
 
 from __future__ import annotations
 
 from flask import Blueprint
 
-from sagellm.api import chat, completions
+from sagellm.api import adapter_admin, chat, completions
 from sagellm.api import info as info_api
-from sagellm.server.checks import generation, informational
+from sagellm.server.checks import admin, generation, informational
 
 bp = Blueprint("openai", __name__)
 
@@ -24,3 +24,13 @@ def text_completions():
 @bp.get("/v1/models")
 def models():
     return informational(info_api.models, "openai")
+
+
+@bp.post("/v1/load_lora_adapter")
+def load_lora_adapter():
+    return admin(adapter_admin.vllm_load, "openai")
+
+
+@bp.post("/v1/unload_lora_adapter")
+def unload_lora_adapter():
+    return admin(adapter_admin.vllm_unload, "openai")
