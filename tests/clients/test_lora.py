@@ -122,6 +122,12 @@ def test_mixed_concurrent_batch_of_base_and_three_adapters(lora):
         got = list(pool.map(lambda n: ids_of(post(srv, "/generate", native(n))), names))
     for name, ids in zip(names, got):
         assert ids == refs[name], name
+    # Metrics and the request log name the adapter of each request.
+    metrics = requests.get(srv.url + "/metrics", timeout=TIMEOUT).text
+    for name in ("alpha", "beta", "gamma"):
+        assert f'sagellm_lora_requests_total{{adapter="{name}"}}' in metrics, metrics[-2000:]
+    assert "sagellm_lora_adapters_resident 3.0" in metrics
+    assert '"route":"/generate","status":200' in srv.log() and '"adapter":"gamma"' in srv.log()
 
 
 def test_load_and_unload_at_run_time_with_lru_swap(lora):
