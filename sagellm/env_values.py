@@ -119,3 +119,25 @@ def num_shard(text: str) -> int:
         return positive_int(text)
     except ValueError:
         raise ValueError("a positive integer or 'max'") from None
+
+
+def lora_adapters(text: str) -> tuple[tuple[str, str], ...]:
+    """TGI's LORA_ADAPTERS: comma-separated `name=path` or a bare path or hub id. A bare local
+    path is named by its folder; a bare hub id by the id itself, as TGI names it."""
+    out: list[tuple[str, str]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, src = item.partition("=")
+        name, src = (name.strip(), src.strip()) if sep else ("", item)
+        if sep and not (name and src):
+            raise ValueError(f"a list of name=path or paths (`{item}` has an empty side)")
+        if not name:
+            local = src.startswith(("/", "./", "../", "~")) or src.count("/") != 1
+            name = src.rstrip("/").rsplit("/", 1)[-1] if local else src
+        if any(name == seen for seen, _ in out):
+            raise ValueError(f"a list of distinct adapters (`{name}` appears twice)")
+        out.append((name, src))
+    if not out:
+        raise ValueError("a list of name=path or paths")
+    return tuple(out)

@@ -74,6 +74,9 @@ class Settings:
     # vLLM flags with no setting of our own, by the variable that set them (SM_VLLM_<FLAG>,
     # OPTION_<ARG>): name -> raw text; sagellm.engine.vllm.args hands them to vLLM's parser.
     vllm_flags: Mapping[str, str] = field(default_factory=_frozen_dict, hash=False)
+    lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, local folder or hub id)
+    max_loras: int | None = None  # None: 8 when adapters are configured, else LoRA serving is off
+    max_lora_rank: int = 64
     # Not environment variables: which variable supplied hf_token, and each field's source for describe().
     hf_token_source: str | None = None
     sources: Mapping[str, str] = field(default_factory=_frozen_dict, hash=False, repr=False)
@@ -301,6 +304,14 @@ VARS: list[Var] = [
         "/ping fails if no engine step completes for this long while work is queued"),
     Var("worker_threads", ("SAGELLM_THREADS",), "int >= 1", ev.positive_int,
         "gunicorn threads; unset: MAX_CONCURRENT_REQUESTS + 8"),
+    Var("lora_adapters", ("LORA_ADAPTERS",), "name=path list", ev.lora_adapters,
+        "LoRA adapters (peft folders or hub ids) to serve, comma-separated: name=path, or a bare path "
+        "(named by its folder) or hub id (named by the id); folders under $SM_MODEL_DIR/adapters/ are added"),
+    Var("max_loras", ("MAX_LORAS",), "int >= 1", ev.positive_int,
+        "LoRA adapters resident at once (least recently used swapped out beyond it); setting it turns "
+        "LoRA serving on with no adapter at start; unset: 8 when adapters are configured, else off"),
+    Var("max_lora_rank", ("MAX_LORA_RANK",), "int >= 1", ev.positive_int,
+        "Largest LoRA rank an adapter may have"),
 ]
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -317,6 +328,8 @@ def _show(var: Var, value: Any) -> str:
         return "max"
     if isinstance(value, Mapping):
         return json.dumps(dict(value))
+    if var.field == "lora_adapters":
+        return ",".join(f"{name}={src}" for name, src in value) or "(none)"
     text = str(value)
     if "\n" in text or len(text) > 80:  # keep one line per setting (chat templates are long)
         return repr(text[:60] + "...")
@@ -329,7 +342,7 @@ def markdown_table() -> str:
     for var in VARS:
         names = ", ".join(f"`{name}`" for name in var.names)
         default = var.default
-        if default is None:
+        if default is None or default == ():
             shown = "unset"
         elif isinstance(default, Mapping):
             shown = f"`{json.dumps(dict(default))}`"

@@ -120,7 +120,8 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
 def chat(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     job = prepare_chat(ctx, body)
     streams = submit_n(ctx, job.ids, job.params, job.req.n or 1)
-    head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=ctx.engine.model.served_name,
+    head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                model=job.params.adapter or ctx.engine.model.served_name,
                 system_fingerprint=FINGERPRINT)
     choices = [choice_parts(job, i, s, ctx.submit) for i, s in enumerate(streams)]
     if job.req.stream:

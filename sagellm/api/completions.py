@@ -51,7 +51,8 @@ def completions(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
         echoed.extend([text if req.echo else ""] * n)
     n_prompt = sum(len(ids) for ids, _ in prompts)
     streams = submit_all(ctx, jobs)
-    head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=ctx.engine.model.served_name,
+    head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                model=jobs[0][1].adapter or ctx.engine.model.served_name,
                 system_fingerprint=FINGERPRINT)
     if req.stream:
         return StreamResponse(_stream(req, streams, echoed, head, n_prompt), dict(SSE_HEADERS))

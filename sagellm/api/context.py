@@ -23,6 +23,10 @@ class ServingContext:
     engine: EngineClient
     # The server wraps each of a request's streams so that a client that goes away aborts it.
     watch: Callable[[RequestStream], RequestStream] = _unwatched
+    # SageMaker's X-Amzn-SageMaker-Adapter-Identifier header, if the request has one (api/adapters.py).
+    adapter_header: str | None = None
+    # What the request ran with, for its log line and metrics: "adapter" (the LoRA adapter's name).
+    notes: dict = field(default_factory=dict)
     store: ResponseStore = field(default_factory=ResponseStore)
 
     @classmethod
@@ -32,4 +36,7 @@ class ServingContext:
                                                          settings.responses_store_ttl_s))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        return self.watch(self.engine.submit(prompt_ids, params))
+        stream = self.watch(self.engine.submit(prompt_ids, params))
+        if params.adapter is not None:
+            self.notes["adapter"] = params.adapter
+        return stream

@@ -1,4 +1,4 @@
-"""What the server serves: /info (TGI's shape plus a few fields) and /v1/models."""
+"""What the server serves: /info (TGI's shape plus a few fields) and /v1/models (with the adapters)."""
 
 from __future__ import annotations
 
@@ -23,5 +23,8 @@ def info(ctx: ServingContext) -> Info:
 
 
 def models(ctx: ServingContext) -> JsonResponse:
-    return JsonResponse(ModelList(data=[ModelCard(id=ctx.engine.model.served_name,
-                                                  max_model_len=ctx.engine.limits.max_total_tokens)]))
+    """The base model, then every LoRA adapter (its `model` name selects it)."""
+    base, limit = ctx.engine.model.served_name, ctx.engine.limits.max_total_tokens
+    cards = [ModelCard(id=base, max_model_len=limit)]
+    cards += [ModelCard(id=name, max_model_len=limit, parent=base) for name in ctx.engine.adapter_names()]
+    return JsonResponse(ModelList(data=cards))

@@ -151,6 +151,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "sagellm"
     max_model_len: int
+    parent: str | MISSING = MISSING  # a LoRA adapter's: the base model's id, as vLLM lists adapters
 
 
 class ModelList(BaseModel):

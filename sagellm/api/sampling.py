@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 
+from sagellm.api import adapters
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import invalid
 from sagellm.api.protocol import OpenAISampling
@@ -74,7 +75,8 @@ def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None,
 def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, temperature, top_k,
                  top_p, typical_p=None, repetition_penalty=None, frequency_penalty=None,
                  presence_penalty=None, stop=(), seed=None, logit_bias=(), min_new_tokens=None,
-                 ignore_eos=None, top_n_tokens=0, logprobs=True, prompt_logprobs=False) -> SamplingParams:
+                 ignore_eos=None, top_n_tokens=0, logprobs=True, prompt_logprobs=False,
+                 adapter=None) -> SamplingParams:
     timeout = ctx.settings.request_timeout_s
     return SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -95,6 +97,7 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
         logprobs=logprobs,
         deadline=time.monotonic() + timeout if timeout else None,
         prompt_logprobs=prompt_logprobs,
+        adapter=adapter,
     )
 
 
@@ -116,12 +119,13 @@ def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inp
     bias = logit_bias(ctx, req.logit_bias)
     max_new = resolve_max_new(ctx, prompt_len, requested, inputs_name=inputs_name, max_new_name=name)
     greedy = req.temperature is not None and req.temperature < GREEDY_TEMPERATURE
+    adapter = adapters.for_openai(ctx, req.model)
     return build_params(ctx, max_new_tokens=max_new, do_sample=not greedy,
                         temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                         repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                         presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, logit_bias=bias,
                         min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n,
-                        logprobs=logprobs)
+                        logprobs=logprobs, adapter=adapter)
 
 
 def logit_bias(ctx: ServingContext, given: dict[str, float] | None) -> list[tuple[int, float]]:

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from sagellm.api import adapters
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import error_event, generation_failed, invalid, stream_failure
 from sagellm.api.parse import parse
@@ -56,6 +57,7 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                  presence_penalty=p.presence_penalty, stop=stop, seed=p.seed,
                  max_new_name="max_new_tokens", max_new_tokens=p.max_new_tokens)
     best_of = _best_of(ctx, p, stream)
+    adapter = adapters.for_native(ctx, p.adapter_id)
     if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= s.max_top_n_tokens:
         raise invalid(f"`top_n_tokens` must be >= 0 and <= {s.max_top_n_tokens}. Given: {p.top_n_tokens}",
                       "top_n_tokens")
@@ -83,7 +85,7 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                           presence_penalty=p.presence_penalty, stop=stop, seed=p.seed,
                           min_new_tokens=p.min_new_tokens, ignore_eos=p.ignore_eos,
                           top_n_tokens=p.top_n_tokens, logprobs=True,
-                          prompt_logprobs=bool(p.decoder_input_details))
+                          prompt_logprobs=bool(p.decoder_input_details), adapter=adapter)
     grammar = grammar_for(ctx, p.grammar, "grammar")
     if grammar is not None:
         params = dataclasses.replace(params, grammar=grammar)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from sagellm.engine.adapters import AdapterRegistry
 from sagellm.engine.choice import choose_engine
 from sagellm.engine.client import EngineClient, Limits, ModelInfo
 from sagellm.engine.distributed import TPGroup, check_degree
@@ -14,19 +15,25 @@ from sagellm.engine.engine import EngineConfig, LLMEngine
 from sagellm.engine.frontend import describe_limits, grammar_compiler, vocab_size, warm_up
 from sagellm.engine.limits import derive_limits
 from sagellm.engine.sagellm_client import SagellmEngineClient
+from sagellm.errors import ModelLoadError, ValidationError
+from sagellm.model import lora as lora_mod
 from sagellm.model import quantization
-from sagellm.model.loader import load_model, open_model, pick_device
+from sagellm.model.loader import LoadedModel, load_model, open_model, pick_device
 from sagellm.settings import Settings
 
 log = logging.getLogger("sagellm")
 
 BLOCK_SIZE = 16  # tokens per KV cache block (and per prefix-cache entry)
+DEFAULT_MAX_LORAS = 8  # adapters resident at once when MAX_LORAS is unset
 
 
 def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
     name, why = choose_engine(settings.engine)
     device = device or pick_device()
     if name == "vllm":
+        if settings.lora_adapters or settings.max_loras is not None:
+            raise ModelLoadError("LoRA adapters (LORA_ADAPTERS, MAX_LORAS) are served by ENGINE=sagellm only; "
+                                 "ENGINE=vllm does not serve them yet")
         from sagellm.engine.vllm.build import build_vllm
 
         client = build_vllm(settings, device)
@@ -43,16 +50,22 @@ def _build_sagellm(settings: Settings, device: str) -> EngineClient:
     files = open_model(settings)
     quantization.load_kwargs(settings, files.config)  # refused before any rank starts
     world = check_degree(settings.num_shard, files.config, device)
+    adapters = lora_mod.folder_adapters(settings.model_dir) + list(settings.lora_adapters)
+    lora = bool(adapters) or settings.max_loras is not None
+    if lora and world > 1:
+        raise ModelLoadError(f"LoRA adapters are served on one rank only; SM_NUM_GPUS={settings.num_shard} asks for "
+                             f"{world} (unset LORA_ADAPTERS / MAX_LORAS, or serve on one device)")
     # Followers start now: every rank loads its shard of the weights at the same time.
     tp = TPGroup(world, device, files.source.path) if world > 1 else None
     try:
-        lm = load_model(settings, device, files, tp_size=world)
+        lm = load_model(settings, device, files, tp_size=world, lora=lora)
+        registry = _adapters(settings, lm, adapters) if lora else None
         limits = derive_limits(settings, lm.model.config, device, lm.dtype, world)
         for line in (lm.describe() + quantization.describe(files.config, str(lm.dtype)[6:])
                      + [f"tensor_parallel={world}", describe_limits(limits)]):
             log.info("%s", line)
         engine = LLMEngine(lm.model, lm.tokenizer, _engine_config(settings, limits), lm.eos_token_ids,
-                           device=lm.device, tp_group=tp)
+                           device=lm.device, tp_group=tp, adapters=registry)
         engine.start()
         info = ModelInfo(model_id=lm.source.model_id, served_name=lm.served_name, device=lm.device,
                          dtype=str(lm.dtype).replace("torch.", ""),
@@ -60,7 +73,7 @@ def _build_sagellm(settings: Settings, device: str) -> EngineClient:
         client = SagellmEngineClient(engine, model=info, limits=limits, tokenizer=lm.tokenizer, chat=lm.chat,
                                      grammars=grammar_compiler(settings, lm.tokenizer, lm.model.config,
                                                                lm.eos_token_ids),
-                                     watchdog_timeout_s=settings.watchdog_timeout_s, tp_group=tp)
+                                     watchdog_timeout_s=settings.watchdog_timeout_s, tp_group=tp, adapters=registry)
         try:
             warm_up(client, lm.chat)
         except BaseException:
@@ -71,6 +84,28 @@ def _build_sagellm(settings: Settings, device: str) -> EngineClient:
             tp.shutdown(timeout=1)
         raise
     return client
+
+
+def _adapters(settings: Settings, lm: LoadedModel, adapters: list[tuple[str, str]]) -> AdapterRegistry:
+    """The registry with every configured adapter read and checked (a bad one stops start-up with
+    one line naming it); the first MAX_LORAS stay resident."""
+    def read(name: str, folder: str):
+        return lora_mod.read_adapter(name, folder, lm.model.module, settings.max_lora_rank,
+                                     base_id=lm.source.model_id, dtype=lm.dtype, device=lm.device)
+
+    registry = AdapterRegistry(read, settings.max_loras or DEFAULT_MAX_LORAS,
+                               reserved=(lm.served_name, lm.source.model_id))
+    seen = set()
+    for name, src in adapters:
+        if name in seen:
+            raise ModelLoadError(f"LoRA adapter `{name}` is configured twice (LORA_ADAPTERS and "
+                                 f"{settings.model_dir}/adapters/)")
+        seen.add(name)
+        try:
+            registry.add(name, lora_mod.locate(name, src, settings.hf_token))
+        except ValidationError as exc:
+            raise ModelLoadError(f"LoRA adapter `{name}`: {exc.message}") from None
+    return registry
 
 
 def _engine_config(settings: Settings, limits: Limits) -> EngineConfig:

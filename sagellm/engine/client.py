@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
-from sagellm.errors import Unavailable
+from sagellm.errors import NotFound, Unavailable, ValidationError
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class EngineStats:
     prefix_hit_tokens: int = 0  # ... of which the prefix cache held the K/V
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    adapters_resident: int = 0  # LoRA adapters in memory
+    adapters_running: Mapping[str, int] = field(default_factory=dict)  # sequences running per adapter
 
 
 class TokenSpan(NamedTuple):
@@ -154,6 +156,20 @@ class EngineClient(ABC):
 
     @abstractmethod
     def abort(self, request_id: str) -> None: ...
+
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name (SamplingParams.adapter); none unless the engine
+        serves adapters."""
+        return ()
+
+    def load_adapter(self, name: str, src: str) -> None:
+        """Register a LoRA adapter from a folder or hub id; raises ValidationError for a bad one."""
+        raise ValidationError(f"cannot load adapter `{name}`: LoRA serving is off (set MAX_LORAS or LORA_ADAPTERS)",
+                              param="name")
+
+    def unload_adapter(self, name: str) -> None:
+        """Unregister an adapter once the requests running on it have finished."""
+        raise NotFound(f"adapter `{name}` is not loaded (LoRA serving is off)", param="name")
 
     @abstractmethod
     def health(self) -> Health: ...

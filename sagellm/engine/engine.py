@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm.engine.adapters import AdapterRegistry
 from sagellm.engine.client import EngineDead, QueueStream
 from sagellm.engine.detokenizer import make_detokenizer
 from sagellm.engine.events import FinishReason, PromptToken, TokenEvent
@@ -24,6 +25,7 @@ from sagellm.engine.sampler import Sample, plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import Sequence
+from sagellm.errors import NotFound
 from sagellm.model.forward import ModelForward
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,10 @@ class _PromptScores:
 
 class LLMEngine:
     def __init__(self, model: ModelForward, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
-                 device: str = "cpu", dtype: torch.dtype | None = None, tp_group=None):
+                 device: str = "cpu", dtype: torch.dtype | None = None, tp_group=None,
+                 adapters: AdapterRegistry | None = None):
         self.tokenizer = tokenizer
+        self.adapters = adapters  # None: LoRA serving is off
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, config.max_total_tokens)
@@ -105,7 +109,13 @@ class LLMEngine:
             raise EngineDead("the engine is not running")
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
-        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, make_detokenizer(self.tokenizer, prompt_ids))
+        lora = None
+        if params.adapter is not None:
+            if self.adapters is None:
+                raise NotFound(f"adapter `{params.adapter}` is not loaded (LoRA serving is off)", param="adapter_id")
+            lora = self.adapters.acquire(params.adapter)  # released when the sequence finishes
+        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, make_detokenizer(self.tokenizer, prompt_ids),
+                       lora)
         stream = QueueStream(seq.request_id, len(prompt_ids), params.seed if params.do_sample else None,
                              seq.events, self.is_alive, lambda: self.abort(seq.request_id))
         self._inbox.append(seq)
@@ -266,12 +276,15 @@ class LLMEngine:
         if event.index == 1:
             event.prompt_logprobs = self._take_prompt_logprobs(seq)
             event.queue_s = seq.queue_s
+        if event.finish_reason is not None:  # before the client can see the end (and ask for another)
+            self._release_adapter(seq)
         seq.events.put(event)
         if event.finish_reason is not None:
             self._finish(seq, event.finish_reason, emit=False)
 
     def _finish(self, seq: Sequence, reason: FinishReason, emit: bool = True,
                 error: str | None = None) -> None:
+        self._release_adapter(seq)
         self.scheduler.finish(seq)
         self._by_id.pop(seq.request_id, None)
         self._prompt_logprobs.pop(seq.request_id, None)
@@ -279,6 +292,11 @@ class LLMEngine:
             seq.events.put(TokenEvent(len(seq.output_ids), -1, "", 0.0, True, "", [], reason,
                                       None, error))
         seq.events.put(None)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_held:
+            seq.lora_held = False
+            self.adapters.release(seq.lora)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         if not seq.is_finished:

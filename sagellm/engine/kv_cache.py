@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 
-BlockKey = tuple  # (hash of the previous block's key, or None, the block's token ids)
+BlockKey = tuple  # (hash of the previous block's key, or the chain's root, the block's token ids)
 
 
-def block_keys(token_ids: list[int], block_size: int, limit: int, keys: list[BlockKey] | None = None) -> list[BlockKey]:
+def block_keys(token_ids: list[int], block_size: int, limit: int, keys: list[BlockKey] | None = None,
+               root: object = None) -> list[BlockKey]:
     """The keys of the full blocks among the first `limit` tokens, extending `keys` (those already
     known): a block's key holds its tokens and the hash of everything before it, so equal keys mean
-    equal prefixes (up to a 64-bit hash collision in the chain)."""
+    equal prefixes (up to a 64-bit hash collision in the chain). `root` starts the chain: the
+    LoRA adapter's (Sequence.cache_root), as the same tokens under two adapters have other K/V."""
     keys = list(keys or [])
     for i in range(len(keys), limit // block_size):
-        parent = hash(keys[-1]) if keys else None
+        parent = hash(keys[-1]) if keys else root
         keys.append((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
     return keys
 

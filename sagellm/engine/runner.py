@@ -13,6 +13,7 @@ import torch
 
 from sagellm.model.attention import PrefillChunk, StepMetadata
 from sagellm.model.forward import ModelForward
+from sagellm.model.lora_step import LoraBatch, LoraGroup
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.scheduler import ScheduledBatch
 from sagellm.engine.sequence import Sequence
@@ -36,6 +37,7 @@ class StepInputs:
     # Rows of `keep` after the N sampled ones: prompt positions whose next-token logprob a
     # request asked for (TGI's decoder_input_details). 0 unless asked, so no cost otherwise.
     num_prompt_logprobs: int = 0
+    lora: LoraBatch | None = None  # the rows of each LoRA adapter in the step; None: base model only
 
 
 @dataclass
@@ -113,6 +115,7 @@ class ModelRunner:
                     prompt_rows.append(PromptLogprobRows(seq, start, count))
                     extra_rows.extend(range(q_start, q_start + count))
 
+        lora = _lora_batch(batch, len(tokens))
         # Sampled rows first, so logits[:num_sampled] is what the sampler reads.
         keep = logit_rows + extra_rows or [len(tokens) - 1]  # the model wants at least one row
         fresh = self.cache.allocator.take_fresh()
@@ -124,7 +127,7 @@ class ModelRunner:
             decode_blocks=decode_blocks, decode_bias=decode_bias, prefills=prefills,
             decode_lens=lengths if batch.decodes else None,
             fresh_blocks=torch.tensor(fresh, dtype=torch.long) if fresh else None,
-            num_prompt_logprobs=len(extra_rows)), prompt_rows
+            num_prompt_logprobs=len(extra_rows), lora=lora), prompt_rows
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
@@ -138,7 +141,8 @@ class ModelRunner:
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
                             prefills=prefills, decode_lens=to(step.decode_lens), kernels=self.kernels)
-        logits = self.model(to(step.input_ids), to(step.position_ids), to(step.keep), meta)
+        lora = None if step.lora is None else LoraBatch([LoraGroup(g.weights, to(g.rows)) for g in step.lora.groups])
+        logits = self.model(to(step.input_ids), to(step.position_ids), to(step.keep), meta, lora)
         return logits[:step.num_sampled + step.num_prompt_logprobs]
 
     def run(self, batch: ScheduledBatch, phases: dict[str, float] | None = None
@@ -160,3 +164,21 @@ class ModelRunner:
         for seq, n in batch.prefills:
             seq.num_computed += n
         return logits, prompt_rows
+
+
+def _lora_batch(batch: ScheduledBatch, num_tokens: int) -> LoraBatch | None:
+    """Which rows of the packed step (decode tokens, then each prefill chunk's) run with which
+    adapter; None when no sequence has one."""
+    if all(seq.lora is None for seq in batch.decodes) and all(seq.lora is None for seq, _ in batch.prefills):
+        return None
+    rows: dict[int, tuple[object, list[int]]] = {}
+    for i, seq in enumerate(batch.decodes):
+        if seq.lora is not None:
+            rows.setdefault(seq.lora.uid, (seq.lora, []))[1].append(i)
+    start = len(batch.decodes)
+    for seq, n in batch.prefills:
+        if seq.lora is not None:
+            rows.setdefault(seq.lora.uid, (seq.lora, []))[1].extend(range(start, start + n))
+        start += n
+    return LoraBatch([LoraGroup(w, None if len(r) == num_tokens else torch.tensor(r, dtype=torch.long))
+                      for w, r in rows.values()])

@@ -9,17 +9,20 @@ from sagellm.engine.client import EngineStats, Health, Limits, ModelInfo, Reques
 from sagellm.engine.engine import LLMEngine
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.text import TextClient
+from sagellm.errors import ValidationError
+from sagellm.model.lora import AdapterError, locate
 
 
 class SagellmEngineClient(TextClient):
     def __init__(self, engine: LLMEngine, *, model: ModelInfo, limits: Limits, tokenizer, chat,
-                 grammars=None, watchdog_timeout_s: float = 60.0, tp_group=None):
+                 grammars=None, watchdog_timeout_s: float = 60.0, tp_group=None, adapters=None):
         super().__init__(tokenizer, chat, grammars)
         self.engine = engine
         self.model = model
         self.limits = limits
         self._watchdog_s = watchdog_timeout_s
         self._tp = tp_group  # sagellm.engine.distributed.TPGroup, or None
+        self._adapters = adapters  # sagellm.engine.adapters.AdapterRegistry, or None: LoRA serving is off
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                request_id: str | None = None) -> RequestStream:
@@ -27,6 +30,22 @@ class SagellmEngineClient(TextClient):
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    def adapter_names(self) -> tuple[str, ...]:
+        return () if self._adapters is None else self._adapters.names()
+
+    def load_adapter(self, name: str, src: str) -> None:
+        if self._adapters is None:
+            super().load_adapter(name, src)
+        try:
+            self._adapters.add(name, locate(name, src))
+        except AdapterError as exc:  # the client's adapter, not the server's fault
+            raise ValidationError(exc.message, param="src") from None
+
+    def unload_adapter(self, name: str) -> None:
+        if self._adapters is None:
+            super().unload_adapter(name)
+        self._adapters.remove(name)
 
     def health(self) -> Health:
         dead = self._tp.dead_followers() if self._tp is not None else []
@@ -45,7 +64,9 @@ class SagellmEngineClient(TextClient):
         return EngineStats(num_waiting=len(sched.waiting), num_running=len(sched.running), num_steps=e.num_steps,
                            phase_seconds=dict(e.phase_seconds), prefix_query_tokens=sched.prefix_query_tokens,
                            prefix_hit_tokens=sched.prefix_hit_tokens,
-                           kv_blocks_used=alloc.num_blocks - alloc.num_free, kv_blocks_total=alloc.num_blocks)
+                           kv_blocks_used=alloc.num_blocks - alloc.num_free, kv_blocks_total=alloc.num_blocks,
+                           adapters_resident=len(self._adapters.resident()) if self._adapters else 0,
+                           adapters_running=self._adapters.running() if self._adapters else {})
 
     def shutdown(self) -> None:
         self.engine.stop()

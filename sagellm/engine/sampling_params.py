@@ -31,6 +31,8 @@ class SamplingParams:
     # Score every prompt token (TGI's decoder_input_details); delivered on the first TokenEvent.
     prompt_logprobs: bool = False
     prompt_top_n: int = 0  # alternatives reported per prompt token (with prompt_logprobs)
+    # The LoRA adapter to run with (its name, as EngineClient.adapter_names lists it); None: the base model.
+    adapter: str | None = None
 
     @property
     def needs_penalties(self) -> bool:

@@ -116,7 +116,7 @@ class Scheduler:
             return
         bs = self.cache.block_size
         usable = (seq.num_tokens - 1) // bs
-        seq.block_keys = block_keys(seq.all_ids, bs, usable * bs, seq.block_keys)
+        seq.block_keys = block_keys(seq.all_ids, bs, usable * bs, seq.block_keys, seq.cache_root)
         seq.block_table = alloc.match(seq.block_keys[:usable])
         seq.num_registered = len(seq.block_table)  # already in the cache
         seq.num_computed = seq.num_registered * bs
@@ -130,7 +130,7 @@ class Scheduler:
         for seq in seqs:
             full = min(seq.num_computed // bs, len(seq.block_table))
             if full > seq.num_registered:
-                seq.block_keys = block_keys(seq.all_ids, bs, full * bs, seq.block_keys)
+                seq.block_keys = block_keys(seq.all_ids, bs, full * bs, seq.block_keys, seq.cache_root)
                 for i in range(seq.num_registered, full):
                     alloc.register(seq.block_table[i], seq.block_keys[i])
                 seq.num_registered = full

@@ -22,8 +22,14 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Prompt and generated ids, KV blocks, sampler state and the outbound event queue."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizer):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizer,
+                 lora=None):
         self.request_id = request_id
+        # The LoRA adapter this sequence runs with (sagellm.model.lora.LoraWeights), or None: the
+        # base model. Its prefix-cache keys start from the adapter's load, never shared with others.
+        self.lora = lora
+        self.cache_root = None if lora is None else ("lora", lora.uid)
+        self.lora_held = lora is not None  # counted as running on it (sagellm.engine.adapters)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params

@@ -88,6 +88,7 @@ class _Layer:
         self.intermediate = mlp.down_proj.in_features
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.attn_module = SimpleNamespace(layer_idx=attn.layer_idx)
+        self.index = attn.layer_idx
         self.attention_arguments = attention_arguments  # scaling, sliding_window, softcap, s_aux
 
 
@@ -123,8 +124,9 @@ class FastDecoder:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
-                 attention, meta) -> torch.Tensor:
-        """input_ids, position_ids: [1, T]; keep: [N] -> logits [N, vocab] in the model dtype."""
+                 attention, meta, lora=None) -> torch.Tensor:
+        """input_ids, position_ids: [1, T]; keep: [N] -> logits [N, vocab] in the model dtype.
+        lora: the step's sagellm.model.lora_step.LoraBatch (adapters' rows), or None."""
 
         h = self.embed(input_ids)[0]  # [T, hidden]
         cos, sin = self.rotary(h[None], position_ids)  # [1, T, D]
@@ -138,6 +140,11 @@ class FastDecoder:
             x, h = self._add_norm(h, delta, layer.in_norm)
             qkv = layer.qkv(x)  # [T, q + 2 kv]
             d, heads = layer.head_dim, layer.q_size // layer.head_dim
+            if lora is not None:  # before the rotation: the adapters change q, k and v themselves
+                q_end, k_end = layer.q_size, layer.q_size + layer.kv_size
+                lora.add(qkv[:, :q_end], x, layer.index, "self_attn.q_proj")
+                lora.add(qkv[:, q_end:k_end], x, layer.index, "self_attn.k_proj")
+                lora.add(qkv[:, k_end:], x, layer.index, "self_attn.v_proj")
             if rope_kernel:  # rotated and the new k/v stored in the cache in one operator
                 idx = layer.attn_module.layer_idx
                 qk = self.kernels.rope_write_kv(qkv, cos2, sin2, meta.slot_mapping, meta.cache.keys[idx],
@@ -149,7 +156,18 @@ class FastDecoder:
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
             o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta, sagellm_cache_written=rope_kernel,
                              **layer.attention_arguments)
-            x, h = self._add_norm(h, layer.o(o.reshape(t, -1)), layer.post_norm)
-            delta = layer.down(self._swiglu(layer.gate_up(x), layer.intermediate))
+            o = o.reshape(t, -1)
+            out = layer.o(o)
+            if lora is not None:
+                lora.add(out, o, layer.index, "self_attn.o_proj")
+            x, h = self._add_norm(h, out, layer.post_norm)
+            gu = layer.gate_up(x)  # [T, 2 intermediate]
+            if lora is not None:
+                lora.add(gu[:, :layer.intermediate], x, layer.index, "mlp.gate_proj")
+                lora.add(gu[:, layer.intermediate:], x, layer.index, "mlp.up_proj")
+            act = self._swiglu(gu, layer.intermediate)
+            delta = layer.down(act)
+            if lora is not None:
+                lora.add(delta, act, layer.index, "mlp.down_proj")
         h = (h + delta).index_select(0, keep)
         return self.lm_head(self._add_norm(h, None, self.norm)[0])

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from sagellm.errors import ModelLoadError
-from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, probe, quantization
+from sagellm.model import attention, bundled, cpu_kernels, cpu_linear, fast_decoder, lora_step, probe, quantization
+from sagellm.model import lora as lora_mod
 from sagellm.model.chat_template import ChatTemplate, find_template
 from sagellm.model.forward import ModelForward
 from sagellm.model.resolve import ModelSource, resolve_model
@@ -74,11 +75,11 @@ def load_error(path: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load the model from {path}: {type(exc).__name__}: {first}")
 
 
-def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -> ModelForward:
+def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1, lora: bool = False) -> ModelForward:
     """The model on `device` with our paged attention, and what runs it; with `tp_size` > 1, this
     rank's shard by transformers' TP plan (the process group must be up; every rank calls this
     together). A model using an attention feature the engine does not implement is refused
-    (sagellm.model.probe)."""
+    (sagellm.model.probe). lora: serve LoRA adapters (sagellm.model.lora_step), one rank only."""
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
@@ -106,7 +107,14 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1) -
             fast = fast_decoder.FastDecoder(model, kernels, layer_attention)
         elif device == "cpu" and cpu_linear.available(model.dtype):
             cpu_linear.pack_linears(model)
-    return ModelForward(model, kernels, fast)
+    slot = None
+    if lora:
+        if lora_mod.decoder_layers(model) is None:
+            raise ModelLoadError(f"LoRA adapters: {type(model).__name__} has no decoder layer list to apply them to")
+        if fast is None:  # the lean decoder applies them itself
+            slot = lora_step.LoraSlot()
+            lora_step.wrap_linears(model, slot)
+    return ModelForward(model, kernels, fast, slot)
 
 
 def open_model(settings: Settings) -> ModelFiles:
@@ -123,14 +131,15 @@ def open_model(settings: Settings) -> ModelFiles:
 
 
 def load_model(settings: Settings, device: str | None = None, files: ModelFiles | None = None,
-               tp_size: int = 1) -> LoadedModel:
+               tp_size: int = 1, lora: bool = False) -> LoadedModel:
     """Everything rank 0 serves from; with `tp_size` > 1 the follower ranks load their shards
     at the same time (sagellm.engine.distributed)."""
     t0 = time.monotonic()
     device = device or pick_device()
     files = files or open_model(settings)
     source, tokenizer = files.source, files.tokenizer
-    model = load_weights(source.path, settings, "cuda:0" if device == "cuda" else device, tp_size=tp_size)
+    model = load_weights(source.path, settings, "cuda:0" if device == "cuda" else device, tp_size=tp_size,
+                         lora=lora)
     template, template_source = find_template(settings, tokenizer, source.path)
     chat = ChatTemplate(tokenizer, template, template_source, dict(settings.chat_template_kwargs))
     chat.self_test()

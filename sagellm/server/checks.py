@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from flask import Response, current_app, g, request
 
-from sagellm.api import invocations
+from sagellm.api import adapters, invocations
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import Flavor, flavor_of_path
 from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
@@ -60,7 +60,8 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
         _admit(st)
         admitted = record.admitted = True
         record.model_name = st.runtime.ctx.engine.model.served_name
-        result = handler(_watched(st, record), body)
+        ctx = _watched(st, record)
+        result = handler(ctx, body)
     except Exception as exc:
         if admitted:
             _release(st)
@@ -68,6 +69,9 @@ def generation(handler: Handler, flavor: Flavor | None, raw: bool = False) -> Re
 
     def done(status: int, completed: bool) -> None:
         _release(st)
+        record.adapter = ctx.notes.get("adapter")
+        if record.adapter is not None:
+            st.metrics.adapter_requests.labels(record.adapter).inc()
         record.close(status, completed)
 
     return to_flask(result, done)
@@ -92,6 +96,32 @@ def authorized(fn: Callable[[ServingContext], JsonResponse], flavor: Flavor) -> 
         return to_flask(fn(_ready(state().runtime)))
     except SagellmError as exc:
         return error_response(exc, flavor)
+
+
+def admin(fn: Callable[..., JsonResponse | RawResponse], flavor: Flavor = "tgi", *args, body: bool = True
+          ) -> Response:
+    """A route that changes what the server serves (LoRA adapters): readiness and the JSON body
+    (the API key was checked before the request), then fn(ctx, body, *args) (fn(ctx, *args)
+    without a body). Logged, not counted as a generation request."""
+    st = state()
+    t0, request_id = time.monotonic(), g.request_id
+    try:
+        ctx = _ready(st.runtime)
+        given = (json_body(st.settings.payload_limit),) if body else ()
+        result = fn(ctx, *given, *args)
+    except Exception as exc:
+        if not isinstance(exc, SagellmError):  # our bug: log it, never send the traceback
+            log.exception("unhandled error on %s", request.path)
+            exc = GenerationError(f"internal error ({type(exc).__name__}); request id {request_id}")
+        _log_admin(request_id, exc.status, t0, error=type(exc).__name__, param=exc.param)
+        return error_response(exc, flavor)
+    _log_admin(request_id, result.status, t0)
+    return to_flask(result)
+
+
+def _log_admin(request_id: str, status: int, t0: float, **extra) -> None:
+    log_request(id=request_id, route=request.path, status=status,
+                ms=round((time.monotonic() - t0) * 1000, 1), **{k: v for k, v in extra.items() if v})
 
 
 def health() -> Response:
@@ -151,10 +181,11 @@ def _release(st: ServerState) -> None:
 
 def _watched(st: ServerState, record: RequestRecord) -> ServingContext:
     """This request's context: a client that disconnects aborts its streams, the end of the
-    drain after SIGTERM cuts them, and their events feed the request's record."""
+    drain after SIGTERM cuts them, and their events feed the request's record; the adapter header."""
     sock = request.environ.get("gunicorn.socket")
     return dataclasses.replace(st.runtime.ctx,
-                               watch=lambda stream: WatchedStream(stream, sock, st.drain.cut, record))
+                               watch=lambda stream: WatchedStream(stream, sock, st.drain.cut, record),
+                               adapter_header=request.headers.get(adapters.HEADER), notes={})
 
 
 def _refuse(exc: Exception, flavor: Flavor, record: RequestRecord) -> Response:

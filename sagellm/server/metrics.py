@@ -84,6 +84,12 @@ class Metrics:
                                 "Prompt tokens whose K/V came from the prefix cache", registry=r)
         self.kv_used = Gauge("sagellm_kv_cache_blocks_used", "KV cache blocks held by requests", registry=r)
         self.kv_total = Gauge("sagellm_kv_cache_blocks_total", "KV cache blocks in all", registry=r)
+        self.adapter_requests = Counter("sagellm_lora_requests", "Requests answered per LoRA adapter", ["adapter"],
+                                        registry=r)
+        self.adapter_running = Gauge("sagellm_lora_running", "Sequences running per LoRA adapter", ["adapter"],
+                                     registry=r)
+        self.adapters_resident = Gauge("sagellm_lora_adapters_resident",
+                                       "LoRA adapters in memory (at most MAX_LORAS)", registry=r)
 
     def render(self, stats: EngineStats | None, model_name: str | None) -> bytes:
         if stats is not None:
@@ -100,6 +106,10 @@ class Metrics:
             self.prefix_hit.set(stats.prefix_hit_tokens)
             self.kv_used.set(stats.kv_blocks_used)
             self.kv_total.set(stats.kv_blocks_total)
+            self.adapters_resident.set(stats.adapters_resident)
+            self.adapter_running.clear()
+            for name, count in stats.adapters_running.items():
+                self.adapter_running.labels(name).set(count)
         return generate_latest(self.registry)
 
 

@@ -19,6 +19,7 @@ class RequestRecord:
     def __init__(self, metrics: Metrics, route: str, request_id: str, t0: float):
         self.metrics, self.route, self.request_id, self.t0 = metrics, route, request_id, t0
         self.model_name = ""
+        self.adapter: str | None = None  # the LoRA adapter the request ran with
         self.admitted = False  # it reached the engine's door (after validation and admission)
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -84,6 +85,8 @@ class RequestRecord:
                       prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
                       ttft_ms=round((self.first_token_at - self.t0) * 1000, 1) if self.first_token_at else None,
                       ms=round(elapsed * 1000, 1))
+        if self.adapter:
+            fields["adapter"] = self.adapter
         if error:
             fields["error"] = error
         if param:

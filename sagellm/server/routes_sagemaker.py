@@ -1,12 +1,13 @@
-"""SageMaker's routes: GET/POST /ping and POST /invocations (the request shapes' table, or the
-model's own code/inference.py handlers)."""
+"""SageMaker's routes: GET/POST /ping, POST /invocations (the request shapes' table, or the
+model's own code/inference.py handlers) and the adapter contract (/adapters)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, request
 
+from sagellm.api import adapter_admin
 from sagellm.api import invocations as inv
-from sagellm.server.checks import generation, health, state
+from sagellm.server.checks import admin, generation, health, state
 
 bp = Blueprint("sagemaker", __name__)
 bp.add_url_rule("/ping", "ping", health, methods=["GET", "POST"])
@@ -19,3 +20,18 @@ def invocations():
         accept = request.headers.get("Accept", "application/json")
         return generation(lambda ctx, body: handlers.invoke(ctx, body, request.mimetype, accept), "tgi", raw=True)
     return generation(inv.invocations, None)
+
+
+@bp.get("/adapters")
+def adapters():
+    return admin(adapter_admin.listing, body=False)
+
+
+@bp.post("/adapters")
+def register_adapter():
+    return admin(adapter_admin.register)
+
+
+@bp.delete("/adapters/<path:name>")
+def unregister_adapter(name: str):
+    return admin(adapter_admin.unregister, "tgi", name, body=False)

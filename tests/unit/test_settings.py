@@ -58,6 +58,9 @@ SAMPLES = {
     "compute_type": ("gpu+optimized", "gpu+optimized"),
     "watchdog_timeout_s": ("10", 10.0),
     "worker_threads": ("16", 16),
+    "lora_adapters": ("a=/x/a", (("a", "/x/a"),)),
+    "max_loras": ("3", 3),
+    "max_lora_rank": ("32", 32),
 }
 
 ALIASES = [(var.field, name) for var in VARS for name in var.names]
@@ -311,3 +314,14 @@ def test_settings_are_frozen_and_kwargs_read_only():
     # Plain dicts given to the constructor are wrapped as well.
     with pytest.raises(TypeError):
         Settings(chat_template_kwargs={"a": 1}).chat_template_kwargs["b"] = 2  # type: ignore[index]
+
+
+def test_lora_adapters_as_tgi_spells_them():
+    s = Settings.from_env({"LORA_ADAPTERS": "support=/opt/adapters/s1, /data/fin-v2/ ,org/sql-lora", "MAX_LORAS": "2"})
+    assert s.lora_adapters == (("support", "/opt/adapters/s1"), ("fin-v2", "/data/fin-v2/"),
+                               ("org/sql-lora", "org/sql-lora"))
+    assert (s.max_loras, s.max_lora_rank) == (2, 64)
+    for bad in ("a=", "=/x", "a=/x,a=/y", ","):
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({"LORA_ADAPTERS": bad})
+        assert "LORA_ADAPTERS" in info.value.message
