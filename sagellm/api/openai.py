@@ -46,7 +46,7 @@ def openai_params(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, in
     check_common(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, typical_p=None,
                  repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                  presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, max_new_name=name,
-                 max_new_tokens=requested)
+                 max_new_tokens=requested, min_p=req.min_p)
     if req.min_tokens is not None and req.min_tokens < 0:
         raise invalid(f"`min_tokens` must be >= 0. Given: {req.min_tokens}", "min_tokens")
     bias = []
@@ -58,7 +58,7 @@ def openai_params(ctx: ServingContext, req: _OpenAISampling, prompt_len: int, in
         bias.append((int(key), float(value)))
     max_new = resolve_max_new(ctx, prompt_len, requested, inputs_name=inputs_name, max_new_name=name)
     return build_params(ctx, max_new_tokens=max_new, do_sample=req.temperature != 0,
-                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                         repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                         presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, logit_bias=bias,
                         min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n,

@@ -15,17 +15,20 @@ def invalid(message: str, param: str | None = None) -> ValidationError:
 
 def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, repetition_penalty,
                  frequency_penalty, presence_penalty, stop: list[str], seed, max_new_name: str,
-                 max_new_tokens) -> None:
+                 max_new_tokens, min_p=None) -> None:
     s = ctx.settings
-    if temperature is not None and temperature < 0:
+    # Written so that NaN fails too (JSON parsers accept it; it would make a row unsamplable).
+    if temperature is not None and not temperature >= 0:
         raise invalid("`temperature` must be >= 0", "temperature")
-    if repetition_penalty is not None and repetition_penalty <= 0:
+    if repetition_penalty is not None and not repetition_penalty > 0:
         raise invalid("`repetition_penalty` must be strictly positive", "repetition_penalty")
     for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
         if value is not None and not -2.0 <= value <= 2.0:
             raise invalid(f"`{name}` must be >= -2.0 and <= 2.0. Given: {value}", name)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise invalid(f"`top_p` must be > 0.0 and <= 1.0. Given: {top_p}", "top_p")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise invalid(f"`min_p` must be >= 0.0 and <= 1.0. Given: {min_p}", "min_p")
     if typical_p is not None and not 0.0 < typical_p <= 1.0:
         raise invalid(f"`typical_p` must be > 0.0 and <= 1.0. Given: {typical_p}", "typical_p")
     if top_k is not None and top_k < -1:
@@ -58,7 +61,7 @@ def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None,
 
 
 def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, temperature, top_k,
-                 top_p, typical_p=None, repetition_penalty=None, frequency_penalty=None,
+                 top_p, min_p=None, typical_p=None, repetition_penalty=None, frequency_penalty=None,
                  presence_penalty=None, stop=(), seed=None, logit_bias=(), min_new_tokens=None,
                  ignore_eos=None, top_n_tokens=0, logprobs=True, prompt_logprobs=False) -> SamplingParams:
     timeout = ctx.settings.request_timeout_s
@@ -68,6 +71,7 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
         temperature=temperature if temperature not in (None, 0) else 1.0,
         top_k=top_k if top_k and top_k > 0 else 0,
         top_p=top_p if top_p is not None else 1.0,
+        min_p=min_p or 0.0,
         typical_p=typical_p if typical_p is not None else 1.0,
         repetition_penalty=repetition_penalty if repetition_penalty is not None else 1.0,
         frequency_penalty=frequency_penalty or 0.0,

@@ -197,8 +197,9 @@ class LLMEngine:
                 n = len(sampling)
                 if prompt_rows:
                     self._keep_prompt_logprobs(logits[n:].float(), prompt_rows)
-                samples = (plain_greedy(logits[:n], sampling, self.eos_token_ids, self.runner.kernels)
-                           or sample(logits[:n].float(), sampling, self.eos_token_ids))
+                kernels = self.runner.kernels
+                samples = (plain_greedy(logits[:n], sampling, self.eos_token_ids, kernels)
+                           or sample(logits[:n], sampling, self.eos_token_ids, kernels))
         except Exception as exc:  # one bad step fails its requests, not the server
             log.exception("engine step failed")
             for seq in batch.decodes + [s for s, _ in batch.prefills]:
@@ -208,7 +209,10 @@ class LLMEngine:
         phases["sample"] += t3 - t2
         self.scheduler.register_computed(batch.decodes + [s for s, _ in batch.prefills])
         for seq, s in zip(sampling, samples):
-            self._append_token(seq, s)
+            if s.error is not None:  # this row only
+                self._fail(seq, s.error)
+            else:
+                self._append_token(seq, s)
         phases["output"] += time.perf_counter() - t3
         self.num_steps += 1
         self.last_progress = time.monotonic()

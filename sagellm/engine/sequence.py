@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import queue
 import time
+from functools import cached_property
 
 import torch
 
@@ -41,16 +42,17 @@ class Sequence:
         self.stop_matcher = StopMatcher(params.stop)
         self.special_ids = special_ids
         self.events: queue.SimpleQueue[TokenEvent | None] = queue.SimpleQueue()
-        self.generator: torch.Generator | None = None
-        if params.do_sample:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else 0)
         # Constrained decoding state (sagellm.engine.constraint.Matcher), one per sequence.
         self.matcher = params.grammar.matcher() if params.grammar is not None else None
         self.aborted = False
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.finish_reason: FinishReason | None = None
+
+    @cached_property
+    def unique_prompt_ids(self) -> torch.Tensor:
+        """The prompt's distinct token ids (int32), for the repetition penalty; made once."""
+        return torch.unique(torch.tensor(self.prompt_ids, dtype=torch.int32))
 
     @property
     def all_ids(self) -> list[int]:
