@@ -1,50 +1,10 @@
 """SageMaker's handler contract for sagellm: model_fn / input_fn / predict_fn / output_fn.
 
-These defaults are what `/invocations` does anyway. A `code/inference.py` inside the model
-artifacts (`/opt/ml/model/code/inference.py`) may define any of the four to change one step, as
-the SageMaker Hugging Face inference toolkit allows; the others stay as below.
-
-- model_fn(model_dir) -> model: the default returns the served engine (a
-  `sagellm.api.context.ServingContext`). An override receives the same folder and may return
-  anything its own predict_fn understands; `sagellm_context()` gives it the engine.
-- input_fn(input_data: bytes, content_type: str) -> data: the default decodes JSON.
-- predict_fn(data, model) -> prediction: the default answers `data` as /invocations would (TGI
-  native, Messages or completions body): a JSON-able object, or a stream when `data` asks for one.
-- output_fn(prediction, accept: str) -> bytes | str | (body, content_type): the default encodes
-  JSON. Streams go to the client as they are.
+The defaults live in the package (sagellm/api/sagemaker_hooks.py, which says what each does);
+this file re-exports them so that a model's own `code/inference.py` can `import inference` and
+call them, e.g. `inference.predict_fn(data, inference.sagellm_context())`.
 """
 
-from __future__ import annotations
+from sagellm.api.sagemaker_hooks import input_fn, model_fn, output_fn, predict_fn, sagellm_context
 
-import json
-
-from sagellm.api import invocations as _invocations
-from sagellm.api.responses import JsonResponse
-from sagellm.errors import BadRequest
-
-_CONTEXT = {}
-
-
-def sagellm_context():
-    """The running engine's ServingContext (for overrides of model_fn / predict_fn)."""
-    return _CONTEXT["ctx"]
-
-
-def model_fn(model_dir: str):
-    return sagellm_context()
-
-
-def input_fn(input_data: bytes, content_type: str):
-    try:
-        return json.loads(input_data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Failed to parse the request body as JSON: {exc}") from None
-
-
-def predict_fn(data, model):
-    result = _invocations.invocations(model, data)
-    return result.body if isinstance(result, JsonResponse) else result
-
-
-def output_fn(prediction, accept: str):
-    return json.dumps(prediction, ensure_ascii=False), "application/json"
+__all__ = ["model_fn", "input_fn", "predict_fn", "output_fn", "sagellm_context"]

@@ -2,7 +2,7 @@
 """GPU check: a model of a real size on one GPU, served by sagellm, driven by the loadgen grid.
 
 Builds a Llama-3-8B-shaped model with random bf16 weights (the bundled tokenizer, so vocab 49152),
-serves it with `serve` (bf16, our paged attention), runs ../shared/bench/loadgen.py at concurrency
+serves it with `serve` (bf16, our paged attention), runs bench/loadgen.py at concurrency
 1/4/16/64, and prints tokens/s beside the floor a decode step's weight reads set on this GPU's
 measured HBM bandwidth. Meant to finish within 8 minutes on an H100 or H200.
 
@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOADGEN_CANDIDATES = [ROOT.parent / "shared" / "bench" / "loadgen.py", ROOT / "bench" / ".gpu-carry" / "loadgen.py",
-                      ROOT / "shared" / "bench" / "loadgen.py"]
+LOADGEN = ROOT / "bench" / "loadgen.py"
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -138,11 +137,10 @@ def main() -> int:
                 pass
             time.sleep(1)
         log(f"server ready in {time.time() - t:.0f}s")
-        loadgen = next(p for p in LOADGEN_CANDIDATES if p.exists())
         rows = []
         for c in map(int, a.concurrency.split(",")):
             n = max(8, 2 * c)
-            out = subprocess.run([sys.executable, str(loadgen), "--url", f"http://127.0.0.1:{port}", "--model", "x",
+            out = subprocess.run([sys.executable, str(LOADGEN), "--url", f"http://127.0.0.1:{port}", "--model", "x",
                                   "--concurrency", str(c), "--requests", str(n), "--max-tokens", str(a.max_tokens),
                                   "--force", "min_tokens", "--warmup", "1"], capture_output=True, text=True,
                                  timeout=300)

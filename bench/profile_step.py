@@ -2,7 +2,7 @@
 """Where a decode step's time goes, in-process (no HTTP): for batch sizes 1/16/64 of running
 requests, the engine's per-phase time per step (schedule, prepare, forward, sample, output =
 detokenize + stop checks + events), the torch profiler's top operators inside `forward`, and the
-floors this machine's memory bandwidth and matmul rate allow (../shared/bench/hw_limits.py).
+floors this machine's memory bandwidth and matmul rate allow (bench/hw_limits.py).
 
     python bench/profile_step.py [--dtype bfloat16] [--batches 1,16,64] [--steps 32]
     python bench/profile_step.py --sampling '{"temperature": 0.8, "top_p": 0.95}'
@@ -95,10 +95,10 @@ def main() -> int:
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids)  # not started: driven here
     engine.is_alive = lambda: True
     prompt = lm.chat.encode(lm.chat.render([{"role": "user", "content": "Explain photosynthesis in simple terms."}]))
-    params = 134_515_008 if "SmolLM2" in lm.source.model_id else sum(p.numel() for p in lm.model.parameters())
+    params = 134_515_008 if "SmolLM2" in lm.source.model_id else sum(p.numel() for p in lm.model.module.parameters())
     weight_mb = params * lm.model.dtype.itemsize / 1e6  # packed linears are no longer parameters
     print(f"model: {params / 1e6:.1f}M params, {weight_mb:.0f} MB of weights in {a.dtype}; "
-          f"threads={torch.get_num_threads()}; fused CPU kernels {'on' if lm.model.sagellm_kernels else 'off'}")
+          f"threads={torch.get_num_threads()}; fused CPU kernels {'on' if lm.model.kernels else 'off'}")
     rows = [measure(engine, prompt, b, a.steps) for b in map(int, a.batches.split(","))]
     cols = ["batch", "ms_per_step", "tok_per_s", "schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "output_ms"]
     print("| " + " | ".join(cols) + " |")

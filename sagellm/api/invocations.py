@@ -7,11 +7,16 @@ A body with "action" asks for introspection instead (sagellm/api/introspect.py).
 
 from __future__ import annotations
 
-from sagellm.api import chat, openai, tgi
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sagellm.api import chat, completions, tgi
 from sagellm.api.context import ServingContext
+from sagellm.api.error_shapes import Flavor, invalid
 from sagellm.api.introspect import introspect
 from sagellm.api.responses import JsonResponse, StreamResponse
-from sagellm.errors import BadRequest, ValidationError
+from sagellm.errors import BadRequest
+from sagellm.settings import Settings
 
 
 def native(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
@@ -26,30 +31,55 @@ def native(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     return resp
 
 
+@dataclass(frozen=True)
+class Shape:
+    key: str  # the body key that selects it
+    name: str
+    handler: Callable[[ServingContext, dict], JsonResponse | StreamResponse]
+    flavor: Flavor  # the error shape its clients read
+
+
+INTROSPECTION = Shape("action", "introspection", introspect, "tgi")
 SHAPES = (
-    ("inputs", "TGI native", native),
-    ("messages", "Messages (chat completions)", chat.chat),
-    ("prompt", "completions", openai.completions),
+    Shape("inputs", "TGI native", native, "tgi"),
+    Shape("messages", "Messages (chat completions)", chat.chat, "openai"),
+    Shape("prompt", "completions", completions.completions, "openai"),
 )
+
+
+def allowed_shapes(settings: Settings) -> tuple[Shape, ...]:
+    if settings.messages_api_enabled is True:
+        return SHAPES[1:2]
+    if settings.messages_api_enabled is False:
+        return SHAPES[:1]
+    return SHAPES
+
+
+def match(settings: Settings, body) -> Shape | None:
+    """The shape `body` asks for (introspection whatever MESSAGES_API_ENABLED says), or None."""
+    if not isinstance(body, dict):
+        return None
+    if INTROSPECTION.key in body:
+        return INTROSPECTION
+    return next((shape for shape in allowed_shapes(settings) if shape.key in body), None)
 
 
 def invocations(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
-    if "action" in body:  # introspection, whatever MESSAGES_API_ENABLED says
-        return introspect(ctx, body)
+    shape = match(ctx.settings, body)
+    if shape is not None:
+        return shape.handler(ctx, body)
+    allowed = allowed_shapes(ctx.settings)
+    wanted = " or ".join(f"`{s.key}` ({s.name})" for s in allowed)
     enabled = ctx.settings.messages_api_enabled
-    if enabled is True:
-        allowed = SHAPES[1:2]
-    elif enabled is False:
-        allowed = SHAPES[:1]
-    else:
-        allowed = SHAPES
-    for key, _, handler in allowed:
-        if key in body:
-            return handler(ctx, body)
-    wanted = " or ".join(f"`{key}` ({name})" for key, name, _ in allowed)
-    why = ""
-    if enabled is not None:
-        why = f" (MESSAGES_API_ENABLED={'true' if enabled else 'false'})"
-    raise ValidationError(f"Input validation error: the body must have {wanted}{why}", param=allowed[0][0])
+    why = "" if enabled is None else f" (MESSAGES_API_ENABLED={'true' if enabled else 'false'})"
+    raise invalid(f"the body must have {wanted}{why}", allowed[0].key)
+
+
+def flavor_of(settings: Settings, body) -> Flavor:
+    """The error shape this body's clients read: that of the shape it asks for (for
+    introspection, the shape of the rest of the body), else that of the first shape allowed."""
+    rest = {k: v for k, v in body.items() if k != INTROSPECTION.key} if isinstance(body, dict) else None
+    shape = match(settings, rest)
+    return (shape or allowed_shapes(settings)[0]).flavor

@@ -8,7 +8,8 @@ from typing import TypeVar
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticError
 
-from sagellm.errors import BadRequest, ValidationError
+from sagellm.api.error_shapes import invalid
+from sagellm.errors import BadRequest
 
 M = TypeVar("M", bound=BaseModel)
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -36,4 +37,4 @@ def parse(model: type[M], body) -> M:
         given = ""
         if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], (dict, list)):
             given = f". Given: {err['input']!r}"
-        raise ValidationError(f"Input validation error: `{path}`: {err['msg']}{given}", param=path) from None
+        raise invalid(f"`{path}`: {err['msg']}{given}", path) from None

@@ -74,7 +74,7 @@ class StreamOptions(_Lenient):
     continuous_usage_stats: bool | None = None
 
 
-class _OpenAISampling(_Lenient):
+class OpenAISampling(_Lenient):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -97,7 +97,7 @@ class _OpenAISampling(_Lenient):
     ignore_eos: bool | None = None
 
 
-class ChatCompletionRequest(_OpenAISampling):
+class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -111,7 +111,7 @@ class ChatCompletionRequest(_OpenAISampling):
     add_generation_prompt: bool | None = None
 
 
-class CompletionRequest(_OpenAISampling):
+class CompletionRequest(OpenAISampling):
     prompt: Union[str, list[str]]
     echo: bool | None = None
     suffix: str | None = None

@@ -1,16 +1,14 @@
-"""Request fields -> SamplingParams, with the checks and messages shared by every route."""
+"""Request fields -> SamplingParams, with the checks and messages shared by every route: TGI's
+parameters (tgi.py) and the OpenAI fields of chat and completions requests."""
 
 from __future__ import annotations
 
 import time
 
 from sagellm.api.context import ServingContext
+from sagellm.api.error_shapes import invalid
+from sagellm.api.protocol import OpenAISampling
 from sagellm.engine.sampling_params import SamplingParams
-from sagellm.errors import ValidationError
-
-
-def invalid(message: str, param: str | None = None) -> ValidationError:
-    return ValidationError(f"Input validation error: {message}", param=param)
 
 
 def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, repetition_penalty,
@@ -45,7 +43,7 @@ def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, r
 def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None, *,
                     inputs_name: str, max_new_name: str) -> int:
     """Checks the prompt against the limits; the default is the rest of the context."""
-    lim_in, lim_total = ctx.max_input_tokens, ctx.max_total_tokens
+    lim_in, lim_total = ctx.engine.limits.max_input_tokens, ctx.engine.limits.max_total_tokens
     if prompt_len > lim_in:
         raise invalid(f"`{inputs_name}` must have less than {lim_in + 1} tokens. Given: {prompt_len}"
                       f" (MAX_INPUT_TOKENS={lim_in})", inputs_name)
@@ -86,3 +84,40 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
         deadline=time.monotonic() + timeout if timeout else None,
         prompt_logprobs=prompt_logprobs,
     )
+
+
+def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inputs_name: str,
+                  top_n: int = 0, logprobs: bool = False) -> SamplingParams:
+    """The sampling fields chat and completions requests share; temperature 0 means greedy."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    requested = next((v for v in (req.max_completion_tokens, req.max_tokens, req.max_new_tokens)
+                      if v is not None), None)
+    name = ("max_completion_tokens" if req.max_completion_tokens is not None else
+            "max_tokens" if req.max_tokens is not None else "max_new_tokens")
+    check_common(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, typical_p=None,
+                 repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+                 presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, max_new_name=name,
+                 max_new_tokens=requested, min_p=req.min_p)
+    if req.min_tokens is not None and req.min_tokens < 0:
+        raise invalid(f"`min_tokens` must be >= 0. Given: {req.min_tokens}", "min_tokens")
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < 2**31:
+            raise invalid(f"`logit_bias` keys must be token ids. Given: {key!r}", "logit_bias")
+        if not -100 <= value <= 100:
+            raise invalid(f"`logit_bias` values must be >= -100 and <= 100. Given: {value}", "logit_bias")
+        bias.append((int(key), float(value)))
+    max_new = resolve_max_new(ctx, prompt_len, requested, inputs_name=inputs_name, max_new_name=name)
+    return build_params(ctx, max_new_tokens=max_new, do_sample=req.temperature != 0,
+                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                        repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+                        presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, logit_bias=bias,
+                        min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n,
+                        logprobs=logprobs)
+
+
+def check_n(ctx: ServingContext, n: int | None) -> int:
+    """The number of choices an OpenAI request asks for."""
+    if n is not None and not 1 <= n <= ctx.settings.max_choices:
+        raise invalid(f"`n` must be >= 1 and <= {ctx.settings.max_choices}. Given: {n} (MAX_CHOICES)", "n")
+    return n or 1

@@ -7,22 +7,24 @@ import time
 from dataclasses import dataclass
 
 from sagellm.api.context import ServingContext
+from sagellm.api.error_shapes import error_event, generation_failed, invalid
 from sagellm.api.parse import parse
 from sagellm.api.protocol import GenerateParameters, GenerateRequest
+from sagellm.api.protocol_tgi import (BestOfSequence, Details, GenerateResponse, PrefillToken, StreamChunk,
+                                      StreamDetails, Token, TokenizedToken)
 from sagellm.api.responses import SSE_HEADERS, JsonResponse, StreamResponse, event_stream, sse
-from sagellm.api.sampling import build_params, check_common, invalid, resolve_max_new
+from sagellm.api.sampling import build_params, check_common, resolve_max_new
 from sagellm.api.structured import grammar_for
+from sagellm.api.submit import collect, submit_n
 from sagellm.engine.events import FinishReason, TokenEvent
-from sagellm.engine.sampling_params import SamplingParams
-from sagellm.errors import GenerationError
 
 
-def _token(ev: TokenEvent) -> dict:
-    return {"id": ev.token_id, "text": ev.text, "logprob": ev.logprob, "special": ev.special}
+def _token(ev: TokenEvent) -> Token:
+    return Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, special=ev.special)
 
 
-def _top(ev: TokenEvent) -> list[dict]:
-    return [{"id": t.token_id, "text": t.text, "logprob": t.logprob, "special": t.special} for t in ev.top_tokens]
+def _top(ev: TokenEvent) -> list[Token]:
+    return [Token(id=t.token_id, text=t.text, logprob=t.logprob, special=t.special) for t in ev.top_tokens]
 
 
 def _best_of(ctx: ServingContext, p: GenerateParameters, stream: bool) -> int:
@@ -62,10 +64,10 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                       "decoder_input_details")
     if not req.inputs:
         raise invalid("`inputs` cannot be empty", "inputs")
-    ids = ctx.tokenize(req.inputs, True)
+    ids = ctx.engine.tokenize(req.inputs)
     if p.truncate is not None:
-        if not 0 < p.truncate <= ctx.max_input_tokens:
-            raise invalid(f"`truncate` must be strictly positive and less than {ctx.max_input_tokens}. "
+        if not 0 < p.truncate <= ctx.engine.limits.max_input_tokens:
+            raise invalid(f"`truncate` must be strictly positive and less than {ctx.engine.limits.max_input_tokens}. "
                           f"Given: {p.truncate}", "truncate")
         ids = ids[-p.truncate:]
     max_new = resolve_max_new(ctx, len(ids), p.max_new_tokens, inputs_name="inputs",
@@ -89,15 +91,6 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
     return params, p, ids, best_of
 
 
-def submit_best_of(ctx: ServingContext, ids: list[int], params: SamplingParams, best_of: int) -> list:
-    """All `best_of` sequences at once, so they share the running batch. A given seed becomes
-    seed, seed + 1, ... (else the copies would be identical); without one each gets its own."""
-    if best_of == 1:
-        return [ctx.submit(ids, params)]
-    seeds = [None] * best_of if params.seed is None else [(params.seed + i) % 2**64 for i in range(best_of)]
-    return [ctx.submit(ids, dataclasses.replace(params, seed=seed)) for seed in seeds]
-
-
 @dataclass
 class Generation:
     """One finished sequence of a native request."""
@@ -112,27 +105,14 @@ class Generation:
         return sum(e.logprob or 0.0 for e in self.events) / len(self.events)
 
 
-def _details(g: Generation, p: GenerateParameters) -> dict:
+def _details(g: Generation, p: GenerateParameters) -> Details:
     prompt = g.events[0].prompt_logprobs or []
-    d = {"finish_reason": g.finish.value, "generated_tokens": len(g.events), "seed": g.seed,
-         "prefill": [{"id": t.token_id, "text": t.text, "logprob": t.logprob} for t in prompt],
-         "tokens": [_token(e) for e in g.events]}
+    details = Details(finish_reason=g.finish.value, generated_tokens=len(g.events), seed=g.seed,
+                      prefill=[PrefillToken(id=t.token_id, text=t.text, logprob=t.logprob) for t in prompt],
+                      tokens=[_token(e) for e in g.events])
     if p.top_n_tokens:
-        d["top_tokens"] = [_top(e) for e in g.events]
-    return d
-
-
-def collect(handle) -> tuple[list[TokenEvent], FinishReason]:
-    events: list[TokenEvent] = []
-    for ev in handle.iter_events():
-        if ev is None:
-            continue
-        if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
-            raise GenerationError(f"Request failed during generation: {ev.error or 'aborted'}")
-        events.append(ev)
-        if ev.finish_reason is not None:
-            return events, ev.finish_reason
-    raise GenerationError("Incomplete generation")
+        details.top_tokens = [_top(e) for e in g.events]
+    return details
 
 
 def generate(ctx: ServingContext, body, *, full_text_default: bool) -> JsonResponse:
@@ -140,34 +120,36 @@ def generate(ctx: ServingContext, body, *, full_text_default: bool) -> JsonRespo
     t0 = time.monotonic()
     req = parse(GenerateRequest, body)
     params, p, ids, best_of = prepare(ctx, req, "parameters" in body and body["parameters"] is not None, False)
-    handles = submit_best_of(ctx, ids, params, best_of)
+    streams = submit_n(ctx, ids, params, best_of)
     t_valid = time.monotonic()
     try:
-        gens = [Generation(h.seed, *collect(h)) for h in handles]
+        gens = [Generation(s.seed, *collect(s)) for s in streams]
     finally:
-        for h in handles:
-            h.abort()  # no-op when finished; frees the others when one failed or the client left
+        for s in streams:
+            s.abort()  # no-op when finished; frees the others when one failed or the client left
     best = max(gens, key=lambda g: g.mean_logprob)
     full = p.return_full_text if p.return_full_text is not None else full_text_default
 
     def text_of(g: Generation) -> str:
-        text = ctx.decode([e.token_id for e in g.events])
+        text = ctx.engine.decode([e.token_id for e in g.events])
         return (req.inputs + text) if full else text
 
-    out = {"generated_text": text_of(best)}
+    out = GenerateResponse(generated_text=text_of(best))
     if p.details or p.decoder_input_details:
-        out["details"] = _details(best, p)
+        out.details = _details(best, p)
         if best_of > 1:
-            out["details"]["best_of_sequences"] = [{"generated_text": text_of(g), **_details(g, p)}
-                                                   for g in gens if g is not best]
+            out.details.best_of_sequences = [
+                BestOfSequence(generated_text=text_of(g), **_details(g, p).model_dump(exclude={"best_of_sequences"}))
+                for g in gens if g is not best]
     return JsonResponse(out, headers=timing_headers(ctx, t0, t_valid, len(ids), len(best.events), req.inputs))
 
 
 def timing_headers(ctx, t0: float, t_valid: float, n_in: int, n_out: int, text: str) -> dict:
     now = time.monotonic()
     total_ms, infer_ms = int((now - t0) * 1000), int((now - t_valid) * 1000)
+    device = "gpu+optimized" if ctx.engine.model.device == "cuda" else "cpu"
     return {
-        "x-compute-type": ctx.settings.compute_type or ("gpu+optimized" if ctx.device == "cuda" else "cpu"),
+        "x-compute-type": ctx.settings.compute_type or device,
         "x-compute-time": f"{now - t0:.3f}", "x-compute-characters": str(len(text)),
         "x-total-time": str(total_ms), "x-validation-time": str(int((t_valid - t0) * 1000)),
         "x-queue-time": "0", "x-inference-time": str(infer_ms),
@@ -180,31 +162,28 @@ def generate_stream(ctx: ServingContext, body, *, full_text_default: bool) -> St
     """SSE: one event per token; the last one carries generated_text (and details if asked)."""
     req = parse(GenerateRequest, body)
     params, p, ids, _ = prepare(ctx, req, "parameters" in body and body["parameters"] is not None, True)
-    handle = ctx.submit(ids, params)
+    stream = ctx.submit(ids, params)
     full = p.return_full_text if p.return_full_text is not None else full_text_default
     generated: list[int] = []
 
     def render(ev: TokenEvent) -> list[bytes]:
         if ev.finish_reason in (FinishReason.ERROR, FinishReason.ABORTED):
-            return [sse({"error": f"Request failed during generation: {ev.error or 'aborted'}",
-                         "error_type": "generation"})]
+            return [error_event(generation_failed(ev.error), "tgi")]
         generated.append(ev.token_id)
-        out = {"index": ev.index, "token": _token(ev)}
+        out = StreamChunk(index=ev.index, token=_token(ev))
         if p.top_n_tokens:
-            out["top_tokens"] = _top(ev)
-        out["generated_text"] = None
-        out["details"] = None
+            out.top_tokens = _top(ev)
         if ev.finish_reason is not None:
-            text = ctx.decode(generated)
-            out["generated_text"] = (req.inputs + text) if full else text
+            text = ctx.engine.decode(generated)
+            out.generated_text = (req.inputs + text) if full else text
             if p.details:
-                out["details"] = {"finish_reason": ev.finish_reason.value, "generated_tokens": len(generated),
-                                  "seed": handle.seed, "input_length": len(ids)}
+                out.details = StreamDetails(finish_reason=ev.finish_reason.value, generated_tokens=len(generated),
+                                            seed=stream.seed, input_length=len(ids))
         return [sse(out)]
 
-    headers = {**SSE_HEADERS, "x-compute-type": ctx.settings.compute_type or ctx.device,
+    headers = {**SSE_HEADERS, "x-compute-type": ctx.settings.compute_type or ctx.engine.model.device,
                "x-compute-characters": str(len(req.inputs))}
-    return StreamResponse(event_stream(handle, render), headers)
+    return StreamResponse(event_stream(stream, render), headers)
 
 
 def tokenize(ctx: ServingContext, body) -> JsonResponse:
@@ -212,10 +191,8 @@ def tokenize(ctx: ServingContext, body) -> JsonResponse:
     if not req.inputs:
         raise invalid("`inputs` cannot be empty", "inputs")
     raw = req.inputs
-    out = []
-    for tid, start, end in ctx.tokenize_offsets(raw):
-        b_start, b_end = len(raw[:start].encode()), len(raw[:end].encode())
-        out.append({"id": tid, "text": raw[start:end], "start": b_start, "stop": b_end})
+    out = [TokenizedToken(id=tid, text=raw[start:end], start=len(raw[:start].encode()), stop=len(raw[:end].encode()))
+           for tid, start, end in ctx.engine.tokenize_with_offsets(raw)]
     if req.parameters and req.parameters.truncate:
         out = out[-req.parameters.truncate:]
     return JsonResponse(out)

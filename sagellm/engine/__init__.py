@@ -1,5 +1,6 @@
-"""Continuous-batching engine: requests in, token events out. Knows nothing of HTTP.
+"""The engine layer: requests in, token events out. Knows nothing of HTTP.
 
-Import the submodules directly: `events` and `sampling_params` are torch-free so the API layer
-can use them; `engine` pulls in torch.
+`client` (the EngineClient the API layer talks to), `events` and `sampling_params` are torch-free
+so the API layer can use them; `builder.build_engine` builds our own engine behind it, and
+everything else pulls in torch. Import the submodules directly.
 """

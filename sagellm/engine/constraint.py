@@ -36,9 +36,10 @@ class GrammarError(ValidationError):
 class Grammar:
     """A compiled grammar; `matcher()` gives each request (or choice) its own state."""
 
-    def __init__(self, pristine, description: str):
+    def __init__(self, pristine, description: str, source: str):
         self._pristine = pristine
         self.description = description
+        self.source = source  # llguidance's grammar text: what an engine with its own matcher takes
 
     def matcher(self) -> "Matcher":
         return Matcher(self._pristine.deep_copy())
@@ -125,7 +126,7 @@ class GrammarCompiler:
         if matcher.is_error():
             detail = matcher.get_error().strip().splitlines()[0][:300]
             raise GrammarError(f"`{param}` is not a valid {kind.replace('_', ' ')}: {detail}", param=param)
-        grammar = Grammar(matcher, kind)
+        grammar = Grammar(matcher, kind, source)
         with self._lock:
             self._cache[source] = grammar
             while len(self._cache) > self._cache_size:

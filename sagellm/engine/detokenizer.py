@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
+
 # Prompt tokens kept as left context so the first generated token decodes with the right spacing.
 _CONTEXT_TOKENS = 5
 
 
-class IncrementalDetokenizer:
-    """Turns one token at a time into text. A token that ends inside a multi-byte character
-    yields "" and its bytes come out with the token that completes the character."""
+def make_detokenizer(tokenizer, prompt_ids: list[int]) -> StreamDetokenizer | WindowDetokenizer:
+    """Turns one token at a time into text (special tokens kept). A token that ends inside a
+    multi-byte character yields "" and its bytes come out with the token that completes it.
 
-    def __init__(self, tokenizer, prompt_ids: list[int]):
+    tokenizers' own DecodeStream where the tokenizer has a Rust backend (every fast tokenizer):
+    measured with bench/detokenize.py on SmolLM2's tokenizer, 0.6 us a token against 4.7-5.1 us
+    for the window decode (two tokenizer.decode calls a token), with the same pieces for English,
+    code and multi-byte text. The window decode stays for tokenizers without that backend."""
+    context = list(prompt_ids[-_CONTEXT_TOKENS:])
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return StreamDetokenizer(backend, context) if backend is not None else WindowDetokenizer(tokenizer, context)
+
+
+class StreamDetokenizer:
+    def __init__(self, backend, context_ids: list[int]):
+        self._backend = backend  # a tokenizers.Tokenizer
+        self._stream = DecodeStream(ids=context_ids, skip_special_tokens=False)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""
+
+
+class WindowDetokenizer:
+    """Decodes the window of tokens since the last complete text, with and without the new token."""
+
+    def __init__(self, tokenizer, context_ids: list[int]):
         self._tokenizer = tokenizer
-        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._ids = list(context_ids)
         self._prefix = 0
         self._read = len(self._ids)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import random
 import threading
 import time
@@ -15,14 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.engine.detokenizer import IncrementalDetokenizer
+from sagellm.engine.client import EngineDead, QueueStream
+from sagellm.engine.detokenizer import make_detokenizer
+from sagellm.engine.events import FinishReason, PromptToken, TokenEvent
 from sagellm.engine.kv_cache import PagedKVCache
+from sagellm.engine.output import OutputProcessor
 from sagellm.engine.runner import ModelRunner, PromptLogprobRows
-from sagellm.engine.sampler import plain_greedy, sample
+from sagellm.engine.sampler import Sample, plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
-from sagellm.engine.events import FinishReason, PromptToken, TokenEvent, TopToken
 from sagellm.engine.sequence import Sequence
+from sagellm.model.forward import ModelForward
 
 log = logging.getLogger(__name__)
 
@@ -37,54 +39,13 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse cached blocks of earlier prompts (PREFIX_CACHING)
 
 
-class EngineDead(RuntimeError):
-    pass
-
-
-class RequestHandle:
-    """What a caller holds for one submitted request: iterate it for TokenEvents."""
-
-    def __init__(self, engine: "LLMEngine", seq: Sequence):
-        self._engine = engine
-        self._seq = seq
-        self.request_id = seq.request_id
-        self.prompt_len = len(seq.prompt_ids)
-        self.seed = seq.params.seed if seq.params.do_sample else None
-
-    def __iter__(self):
-        return (e for e in self.iter_events() if e is not None)
-
-    def iter_events(self, idle_s: float | None = None):
-        """TokenEvents until the request ends; with `idle_s`, None whenever nothing came for
-        that long (a stream uses it to send keep-alives)."""
-        waited = 0.0
-        while True:
-            try:
-                event = self._seq.events.get(timeout=0.5)
-            except queue.Empty:
-                if not self._engine.is_alive():
-                    raise EngineDead("the engine stopped while this request was running")
-                waited += 0.5
-                if idle_s is not None and waited >= idle_s:
-                    waited = 0.0
-                    yield None
-                continue
-            waited = 0.0
-            if event is None:
-                return
-            yield event
-
-    def abort(self) -> None:
-        self._engine.abort(self.request_id)
-
-
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
+    def __init__(self, model: ModelForward, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...],
                  device: str = "cpu", dtype: torch.dtype | None = None, tp_group=None):
         self.tokenizer = tokenizer
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
-        self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, config.max_total_tokens)
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
@@ -131,17 +92,17 @@ class LLMEngine:
         return len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.running)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None) -> QueueStream:
         if not self.is_alive():
             raise EngineDead("the engine is not running")
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
-        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params,
-                       IncrementalDetokenizer(self.tokenizer, prompt_ids), self.special_ids)
-        handle = RequestHandle(self, seq)
+        seq = Sequence(request_id or uuid.uuid4().hex, prompt_ids, params, make_detokenizer(self.tokenizer, prompt_ids))
+        stream = QueueStream(seq.request_id, len(prompt_ids), params.seed if params.do_sample else None,
+                             seq.events, self.is_alive, lambda: self.abort(seq.request_id))
         self._inbox.append(seq)
         self._wake.set()
-        return handle
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
@@ -233,51 +194,22 @@ class LLMEngine:
         if not seq.params.prompt_logprobs:
             return None
         logprobs = self._prompt_logprobs.pop(seq.request_id, None) or [None] * len(seq.prompt_ids)
-        texts = self.tokenizer.batch_decode([[t] for t in seq.prompt_ids], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-        return [PromptToken(t, text, lp) for t, text, lp in zip(seq.prompt_ids, texts, logprobs)]
+        return self.output.prompt_tokens(seq, logprobs)
 
-    def _append_token(self, seq: Sequence, s) -> None:
-        p = seq.params
+    def _append_token(self, seq: Sequence, s: Sample) -> None:
         seq.output_ids.append(s.token_id)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        text = seq.detokenizer.step(s.token_id)
-        special = s.token_id in self.special_ids
-        delta, stop_str = ("", None) if special else seq.stop_matcher.feed(text)
-        finish, stop_reason = None, None
-        eos_allowed = not p.ignore_eos and len(seq.output_ids) >= p.min_new_tokens
-        grammar_done = False
-        if seq.matcher is not None:
-            if not seq.matcher.accept(s.token_id):
-                self._fail(seq, f"constrained decoding failed: {seq.matcher.error}")
-                return
-            grammar_done = seq.matcher.finished
-        if s.token_id in self.eos_token_ids and (eos_allowed or seq.matcher is not None):
-            finish = FinishReason.EOS_TOKEN
-        elif grammar_done:  # the grammar allows nothing more: ends like an EOS
-            finish = FinishReason.EOS_TOKEN
-        elif stop_str is not None:
-            finish, stop_reason = FinishReason.STOP_SEQUENCE, stop_str
-        elif s.token_id in p.stop_token_ids:
-            finish, stop_reason = FinishReason.STOP_SEQUENCE, s.token_id
-        elif (len(seq.output_ids) >= p.max_new_tokens
-              or seq.num_tokens >= self.config.max_total_tokens
-              or (p.deadline is not None and time.monotonic() >= p.deadline)):
-            finish = FinishReason.LENGTH
-        if finish is not None and finish != FinishReason.STOP_SEQUENCE:
-            delta += seq.stop_matcher.flush()
-        top = [TopToken(t, self.tokenizer.decode([t], skip_special_tokens=False), lp,
-                        t in self.special_ids) for t, lp in s.top]
-        prompt = self._take_prompt_logprobs(seq) if len(seq.output_ids) == 1 else None
-        seq.events.put(TokenEvent(len(seq.output_ids), s.token_id, text, s.logprob, special, delta,
-                                  top, finish, stop_reason, prompt_logprobs=prompt))
-        if finish is not None:
-            self._finish(seq, finish, emit=False)
+        if seq.matcher is not None and not seq.matcher.accept(s.token_id):
+            self._fail(seq, f"constrained decoding failed: {seq.matcher.error}")
+            return
+        event = self.output.token_event(seq, s)
+        if event.index == 1:
+            event.prompt_logprobs = self._take_prompt_logprobs(seq)
+        seq.events.put(event)
+        if event.finish_reason is not None:
+            self._finish(seq, event.finish_reason, emit=False)
 
     def _finish(self, seq: Sequence, reason: FinishReason, emit: bool = True,
                 error: str | None = None) -> None:
-        seq.finish_reason = reason
         self.scheduler.finish(seq)
         self._by_id.pop(seq.request_id, None)
         self._prompt_logprobs.pop(seq.request_id, None)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.engine.attention import PrefillChunk, StepMetadata, paged_attention
+from sagellm.model.attention import PrefillChunk, StepMetadata
+from sagellm.model.forward import ModelForward
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.engine.scheduler import ScheduledBatch
 from sagellm.engine.sequence import Sequence
@@ -48,13 +49,14 @@ class PromptLogprobRows:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, device: torch.device | str = "cpu", tp_group=None):
+    def __init__(self, model: ModelForward, cache: PagedKVCache, device: torch.device | str = "cpu",
+                 tp_group=None):
         self.model = model
         self.cache = cache
         self.device = torch.device(device)
         self.block_size = cache.block_size
         self.tp_group = tp_group  # sagellm.engine.distributed.TPGroup on rank 0, else None
-        self.kernels = getattr(model, "sagellm_kernels", None)  # sagellm.model.cpu_kernels, or None
+        self.kernels = model.kernels  # the attention and the sampler use them too
 
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat cache slots of positions [start, end) of `seq`."""
@@ -136,12 +138,7 @@ class ModelRunner:
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
                             prefills=prefills, decode_lens=to(step.decode_lens), kernels=self.kernels)
-        fast = getattr(self.model, "sagellm_fast", None)
-        if fast is not None:  # sagellm.model.fast_decoder: same arithmetic, less Python
-            logits = fast(to(step.input_ids), to(step.position_ids), to(step.keep), paged_attention, meta)
-        else:
-            logits = self.model(input_ids=to(step.input_ids), position_ids=to(step.position_ids), use_cache=False,
-                                logits_to_keep=to(step.keep), sagellm_meta=meta).logits[0]
+        logits = self.model(to(step.input_ids), to(step.position_ids), to(step.keep), meta)
         return logits[:step.num_sampled + step.num_prompt_logprobs]
 
     def run(self, batch: ScheduledBatch, phases: dict[str, float] | None = None

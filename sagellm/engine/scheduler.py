@@ -39,7 +39,6 @@ class Scheduler:
         self.max_prompt_logprob_rows = max_prompt_logprob_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
         # Prompt tokens of admitted sequences, and how many of them came from the prefix cache.
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -159,7 +158,6 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import enum
 import queue
-import time
 from functools import cached_property
 
 import torch
 
-from sagellm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from sagellm.engine.events import FinishReason, TokenEvent
+from sagellm.engine.detokenizer import StopMatcher
+from sagellm.engine.events import TokenEvent
 from sagellm.engine.sampling_params import SamplingParams
 
 
@@ -23,8 +22,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Prompt and generated ids, KV blocks, sampler state and the outbound event queue."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer, special_ids: frozenset[int]):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, detokenizer):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -38,16 +36,11 @@ class Sequence:
         # Tokens whose K/V are in the cache. After a preemption this drops to 0 and the prompt
         # plus the output so far is prefilled again.
         self.num_computed = 0
-        self.detokenizer = detokenizer
+        self.detokenizer = detokenizer  # sagellm.engine.detokenizer.make_detokenizer
         self.stop_matcher = StopMatcher(params.stop)
-        self.special_ids = special_ids
         self.events: queue.SimpleQueue[TokenEvent | None] = queue.SimpleQueue()
         # Constrained decoding state (sagellm.engine.constraint.Matcher), one per sequence.
         self.matcher = params.grammar.matcher() if params.grammar is not None else None
-        self.aborted = False
-        self.arrival = time.monotonic()
-        self.first_token_time: float | None = None
-        self.finish_reason: FinishReason | None = None
 
     @cached_property
     def unique_prompt_ids(self) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """A lean forward pass for Llama-architecture decoders (Llama, Mistral, Qwen2), on one rank.
 
 The same weights and the same arithmetic as transformers' modules (its rotary embedding is
-reused), minus their per-call Python, with q/k/v and gate/up fused into one matmul each (4 linear
+reused; each layer's attention gets the arguments transformers' module passes, as the start-up
+probe recorded them: scaling, sliding window, ...), minus their per-call Python, with q/k/v and gate/up fused into one matmul each (4 linear
 calls per layer instead of 7) and the q and k heads rotated in one pass. Measured on this
 project's 2-core machines, transformers' module overhead was about half of a batch-1 decode step
 (docs/performance.md). Tensor-parallel ranks keep transformers' modules and TP plan.
@@ -74,7 +75,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, config):
+    def __init__(self, layer: nn.Module, config, attention_arguments: dict):
         attn, mlp = layer.self_attn, layer.mlp
         self.head_dim = attn.head_dim
         self.q_size = config.num_attention_heads * self.head_dim
@@ -87,18 +88,20 @@ class _Layer:
         self.intermediate = mlp.down_proj.in_features
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.attn_module = SimpleNamespace(layer_idx=attn.layer_idx)
-        self.scaling = attn.scaling
+        self.attention_arguments = attention_arguments  # scaling, sliding_window, softcap, s_aux
 
 
 class FastDecoder:
-    def __init__(self, model: nn.Module, kernels=None):
+    def __init__(self, model: nn.Module, kernels, layer_attention: list[dict]):
         """kernels: torch.ops.sagellm (sagellm.model.cpu_kernels) for the fused residual add and
-        RMSNorm, SwiGLU, and rotary embedding with the KV cache write; None: torch's operators."""
+        RMSNorm, SwiGLU, and rotary embedding with the KV cache write; None: torch's operators.
+        layer_attention: per layer, the attention arguments transformers' module passes
+        (sagellm.model.probe.check)."""
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         head = model.lm_head
         self.lm_head = _Linear(head.weight.detach(), None if head.bias is None else head.bias.detach())
-        self.layers = [_Layer(layer, model.config) for layer in inner.layers]
+        self.layers = [_Layer(layer, model.config, args) for layer, args in zip(inner.layers, layer_attention, strict=True)]
         fits = model.config.hidden_size % 16 == 0 and model.config.intermediate_size % 16 == 0
         self.kernels = kernels if fits else None
 
@@ -144,8 +147,8 @@ class FastDecoder:
             q = qk[:, :heads].transpose(0, 1)[None]  # [1, H, T, D]
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
-            o, _ = attention(layer.attn_module, q, k, v, None, scaling=layer.scaling, sagellm_meta=meta,
-                             sagellm_cache_written=rope_kernel)
+            o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta, sagellm_cache_written=rope_kernel,
+                             **layer.attention_arguments)
             x, h = self._add_norm(h, layer.o(o.reshape(t, -1)), layer.post_norm)
             delta = layer.down(self._swiglu(layer.gate_up(x), layer.intermediate))
         h = (h + delta).index_select(0, keep)

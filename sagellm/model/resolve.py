@@ -21,7 +21,6 @@ class ModelSource:
     path: str  # a local folder to load from
     kind: str  # "local", "hub", "sagemaker" or "bundled"
     model_id: str  # as the user named it (shown in /info)
-    gguf_file: str | None = None
 
 
 def holds_weights(folder: str | Path) -> bool:

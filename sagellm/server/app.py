@@ -1,38 +1,21 @@
-"""The Flask app factory and every route. Handlers live in sagellm.api; this file only moves
-bytes: parse the body, check readiness, admission and auth, send JSON or SSE, map errors."""
+"""The Flask app factory: the runtime (the engine, built in the background), what the routes
+share, one blueprint per API (sagemaker, tgi, openai), the request id, and 404/405 as JSON.
+Handlers live in sagellm.api; the checks every request passes in sagellm.server.checks."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import sys
-import time
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, g, request
 
-from sagellm.api import info as info_api
-from sagellm.api import invocations as inv
-from sagellm.api import chat, openai, tgi
-from sagellm.errors import (GenerationError, NotFound, Overloaded, SagellmError, Unauthorized,
-                            Unavailable)
-from sagellm.server.http import Admission, WatchedHandle, error_response, json_body, raw_body, to_flask
-from sagellm.server.metrics import Metrics, log_request
+from sagellm.errors import NotFound
+from sagellm.server import routes_openai, routes_sagemaker, routes_tgi
+from sagellm.server.checks import ServerState
+from sagellm.server.http import Admission, error_response
+from sagellm.server.metrics import Metrics
 from sagellm.server.runtime import Runtime
 from sagellm.settings import Settings
-
-log = logging.getLogger("sagellm")
-
-
-def _flavor_of(path: str, body, settings: Settings) -> str:
-    if path.startswith("/v1/"):
-        return "openai"
-    if path == "/invocations":
-        if settings.messages_api_enabled is not None:
-            return "openai" if settings.messages_api_enabled else "tgi"
-        if isinstance(body, dict) and "inputs" not in body and ("messages" in body or "prompt" in body):
-            return "openai"
-    return "tgi"
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
@@ -44,151 +27,32 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         runtime = Runtime(settings)
         runtime.start_background()
     app = Flask("sagellm")
-    app.config["SAGELLM_RUNTIME"] = runtime
-    admission = Admission(settings.max_concurrent_requests)
-    metrics = Metrics()
-
-    def generation(handler, flavor_hint: str | None = None, raw: bool = False):
-        """Run a generation handler with auth, readiness, admission and error mapping."""
-        t0 = time.monotonic()
-        path, request_id = request.path, g.request_id  # a stream outlives the request context
-        body = None
-        flavor = flavor_hint or "tgi"
-        acquired = False
-        try:
-            if settings.api_key:
-                auth = request.headers.get("Authorization", "")
-                if auth.lower() != f"bearer {settings.api_key}".lower():
-                    raise Unauthorized("missing or wrong `Authorization: Bearer` API key")
-            body = raw_body(settings.payload_limit) if raw else json_body(settings.payload_limit)
-            flavor = flavor_hint or _flavor_of(request.path, body, settings)
-            if settings.log_prompts:
-                log_request(id=request_id, route=path, body=body)
-            if runtime.state != "ready":
-                raise Unavailable(f"the model is not ready ({runtime.state})")
-            if not admission.try_acquire():
-                raise Overloaded(f"Model is overloaded: {admission.limit} requests in flight "
-                                 "(MAX_CONCURRENT_REQUESTS)")
-            acquired = True
-            metrics.requests.inc()
-            metrics.in_flight.inc()
-            ctx = runtime.ctx
-            sock = request.environ.get("gunicorn.socket")
-            watched = dataclasses.replace(ctx, submit=lambda ids, p: WatchedHandle(ctx.submit(ids, p), sock))
-            result = handler(watched, body)
-        except SagellmError as exc:
-            if acquired:
-                admission.release()
-                metrics.in_flight.dec()
-            metrics.failure.labels(err=exc.error_type).inc()
-            _log(path, exc.status, t0, request_id, error=exc.message)
-            return error_response(exc, flavor)
-        except Exception as exc:  # our bug: log it, never send the traceback
-            if acquired:
-                admission.release()
-                metrics.in_flight.dec()
-            log.exception("unhandled error on %s", request.path)
-            metrics.failure.labels(err="internal").inc()
-            return error_response(GenerationError(f"internal error ({type(exc).__name__}); "
-                                                  f"request id {request_id}"), flavor)
-
-        def done():
-            admission.release()
-            metrics.in_flight.dec()
-            metrics.success.inc()
-            metrics.duration.observe(time.monotonic() - t0)
-            _log(path, 200, t0, request_id)
-
-        return to_flask(result, done)
-
-    def _log(path, status, t0, request_id, **extra):
-        log_request(id=request_id, route=path, status=status,
-                    ms=round((time.monotonic() - t0) * 1000, 1), **extra)
-
-    @app.before_request
-    def _request_id():
-        g.request_id = request.headers.get("X-Amzn-RequestId") or uuid.uuid4().hex
-
-    @app.after_request
-    def _stamp(resp):
-        resp.headers["x-request-id"] = g.get("request_id", "")
-        return resp
-
-    # ---- health ----
-
-    def health():
-        ok, why = runtime.healthy()
-        if ok:
-            return Response(status=200)
-        return Response('{"error":"unhealthy","error_type":"healthcheck","detail":%s}' % _json_str(why),
-                        status=503, mimetype="application/json")
-
-    app.add_url_rule("/ping", "ping", health, methods=["GET", "POST"])
-    app.add_url_rule("/health", "health", health, methods=["GET"])
-    app.add_url_rule("/", "root_health", health, methods=["GET"])
-
-    # ---- generation ----
-
-    def invocations():
-        handlers = getattr(runtime, "handlers", None)
-        if handlers is not None and handlers.active:  # the model's code/inference.py
-            return generation(lambda c, body: handlers.invoke(c, body, request.mimetype, request.headers.get(
-                "Accept", "application/json")), "tgi", raw=True)
-        return generation(inv.invocations)
-
-    app.add_url_rule("/invocations", "invocations", invocations, methods=["POST"])
-    app.add_url_rule("/", "compat", lambda: generation(inv.native, "tgi"), methods=["POST"])
-    app.add_url_rule("/generate", "generate",
-                     lambda: generation(lambda c, b: tgi.generate(c, b, full_text_default=False), "tgi"),
-                     methods=["POST"])
-    app.add_url_rule("/generate_stream", "generate_stream",
-                     lambda: generation(lambda c, b: tgi.generate_stream(c, b, full_text_default=False), "tgi"),
-                     methods=["POST"])
-    app.add_url_rule("/v1/chat/completions", "chat", lambda: generation(chat.chat, "openai"), methods=["POST"])
-    app.add_url_rule("/v1/completions", "completions", lambda: generation(openai.completions, "openai"),
-                     methods=["POST"])
-
-    # ---- information ----
-
-    def ready_ctx():
-        if runtime.state != "ready":
-            raise Unavailable(f"the model is not ready ({runtime.state})")
-        return runtime.ctx
-
-    def informational(fn, flavor="tgi"):
-        try:
-            return to_flask(fn(ready_ctx()), lambda: None)
-        except SagellmError as exc:
-            return error_response(exc, flavor)
-
-    app.add_url_rule("/info", "info", lambda: informational(lambda c: _json(info_api.info(c))))
-    app.add_url_rule("/v1/models", "models", lambda: informational(openai.models, "openai"))
-    app.add_url_rule("/tokenize", "tokenize",
-                     lambda: informational(lambda c: tgi.tokenize(c, json_body(settings.payload_limit))),
-                     methods=["POST"])
-
-    @app.route("/metrics")
-    def _metrics():
-        return Response(metrics.render(runtime.engine), mimetype="text/plain; version=0.0.4")
-
-    @app.errorhandler(404)
-    def _not_found(_):
-        return error_response(NotFound(f"no route {request.method} {request.path}"), "tgi")
-
-    @app.errorhandler(405)
-    def _bad_method(_):
-        exc = NotFound(f"method {request.method} is not allowed on {request.path}")
-        exc.status = 405
-        return error_response(exc, "tgi")
-
+    app.config["SAGELLM_RUNTIME"] = runtime  # gunicorn's worker_exit stops it
+    app.extensions["sagellm"] = ServerState(settings, runtime, Admission(settings.max_concurrent_requests),
+                                            Metrics())
+    for blueprint in (routes_sagemaker.bp, routes_tgi.bp, routes_openai.bp):
+        app.register_blueprint(blueprint)
+    app.before_request(_request_id)
+    app.after_request(_stamp_request_id)
+    app.register_error_handler(404, _not_found)
+    app.register_error_handler(405, _bad_method)
     return app
 
 
-def _json(obj):
-    from sagellm.api.responses import JsonResponse
-    return JsonResponse(obj)
+def _request_id() -> None:
+    g.request_id = request.headers.get("X-Amzn-RequestId") or uuid.uuid4().hex
 
 
-def _json_str(s: str) -> str:
-    import json
-    return json.dumps(s)
+def _stamp_request_id(resp):
+    resp.headers["x-request-id"] = g.get("request_id", "")
+    return resp
+
+
+def _not_found(_):
+    return error_response(NotFound(f"no route {request.method} {request.path}"), "tgi")
+
+
+def _bad_method(_):
+    exc = NotFound(f"method {request.method} is not allowed on {request.path}")
+    exc.status = 405
+    return error_response(exc, "tgi")

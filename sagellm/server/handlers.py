@@ -1,5 +1,5 @@
-"""Custom SageMaker handlers: /opt/ml/model/code/inference.py overriding the top-level
-inference.py's model_fn / input_fn / predict_fn / output_fn."""
+"""Custom SageMaker handlers: /opt/ml/model/code/inference.py overriding the defaults
+(sagellm/api/sagemaker_hooks.py) of model_fn / input_fn / predict_fn / output_fn."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sagellm.api import sagemaker_hooks as defaults
 from sagellm.api.responses import RawResponse, StreamResponse
 from sagellm.errors import GenerationError, ModelLoadError, SagellmError
 
@@ -16,21 +17,11 @@ log = logging.getLogger("sagellm")
 HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn")
 
 
-def _default_module():
-    root = Path(__file__).resolve().parents[2]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import inference
-
-    return inference
-
-
 class Handlers:
     """The four hooks, each the user's when their code/inference.py defines it, else ours."""
 
     def __init__(self, model_dir: str, ctx):
-        defaults = _default_module()
-        defaults._CONTEXT["ctx"] = ctx
+        defaults.set_context(ctx)
         self.user_path = Path(model_dir) / "code" / "inference.py"
         user = self._load_user() if self.user_path.is_file() else None
         self.overridden = [h for h in HOOKS if user is not None and callable(getattr(user, h, None))]
@@ -52,6 +43,10 @@ class Handlers:
         spec = importlib.util.spec_from_file_location("sagellm_user_inference", self.user_path)
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(self.user_path.parent))  # its own helper modules, as SageMaker allows
+        # The user's file is itself named inference.py, and its folder now comes first on sys.path:
+        # its `import inference` must still mean sagellm's defaults (what the top-level
+        # inference.py re-exports), not the file again.
+        sys.modules.setdefault("inference", defaults)
         try:
             spec.loader.exec_module(module)
         except Exception as exc:

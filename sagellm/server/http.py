@@ -10,7 +10,9 @@ import threading
 
 from flask import Response, request
 
-from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse
+from sagellm.api.error_shapes import Flavor, error_body
+from sagellm.api.responses import JsonResponse, RawResponse, StreamResponse, json_text
+from sagellm.engine.client import RequestStream
 from sagellm.errors import BadRequest, PayloadTooLarge, SagellmError, UnsupportedMediaType
 
 _JSON_LIKE = ("application/json", "text/plain", "application/octet-stream", "")
@@ -30,15 +32,8 @@ def json_body(limit: int):
         raise BadRequest(f"Failed to parse the request body as JSON: {exc}") from None
 
 
-def error_body(exc: SagellmError, flavor: str) -> dict:
-    if flavor == "openai":
-        return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.param,
-                          "code": exc.status}}
-    return {"error": exc.message, "error_type": exc.error_type}
-
-
-def error_response(exc: SagellmError, flavor: str) -> Response:
-    resp = Response(json.dumps(error_body(exc, flavor)), status=exc.status, mimetype="application/json")
+def error_response(exc: SagellmError, flavor: Flavor) -> Response:
+    resp = Response(json_text(error_body(exc, flavor)), status=exc.status, mimetype="application/json")
     if exc.status == 429:
         resp.headers["Retry-After"] = "1"
     return resp
@@ -69,14 +64,14 @@ def client_gone(sock: socket.socket | None) -> bool:
         return True
 
 
-class WatchedHandle:
-    """An engine handle that aborts its request when the HTTP client disconnects, even while
+class WatchedStream(RequestStream):
+    """A request's stream that aborts the request when the HTTP client disconnects, even while
     nothing is being written (queued, or a non-streaming request)."""
 
-    def __init__(self, handle, sock):
-        self._handle = handle
+    def __init__(self, stream: RequestStream, sock):
+        self._handle = stream
         self._sock = sock
-        self.request_id, self.prompt_len, self.seed = handle.request_id, handle.prompt_len, handle.seed
+        self.request_id, self.prompt_len, self.seed = stream.request_id, stream.prompt_len, stream.seed
 
     def iter_events(self, idle_s: float | None = None):
         idle = 0.0
@@ -115,8 +110,8 @@ def to_flask(result: JsonResponse | RawResponse | StreamResponse, on_close) -> R
         on_close()
         if result.body is None:
             return Response(status=result.status, headers=result.headers)
-        body = json.dumps(result.body, ensure_ascii=False, separators=(",", ":"))
-        return Response(body, status=result.status, mimetype="application/json", headers=result.headers)
+        return Response(json_text(result.body), status=result.status, mimetype="application/json",
+                        headers=result.headers)
 
     def chunks():
         try:

@@ -7,6 +7,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sagellm.engine.client import EngineStats
+
 log = logging.getLogger("sagellm.request")
 
 _DURATION_BUCKETS = tuple(0.00015 * 1.5 ** i for i in range(35))
@@ -32,16 +34,20 @@ class Metrics:
                                   registry=r)
         self.prefix_hit = Gauge("sagellm_prefix_cache_hit_tokens",
                                 "Prompt tokens whose K/V came from the prefix cache", registry=r)
+        self.kv_used = Gauge("sagellm_kv_cache_blocks_used", "KV cache blocks held by requests", registry=r)
+        self.kv_total = Gauge("sagellm_kv_cache_blocks_total", "KV cache blocks in all", registry=r)
 
-    def render(self, engine) -> bytes:
-        if engine is not None:
-            self.queue.set(len(engine.scheduler.waiting))
-            self.batch.set(len(engine.scheduler.running))
-            self.steps.set(engine.num_steps)
-            for phase, seconds in list(engine.phase_seconds.items()):
+    def render(self, stats: EngineStats | None) -> bytes:
+        if stats is not None:
+            self.queue.set(stats.num_waiting)
+            self.batch.set(stats.num_running)
+            self.steps.set(stats.num_steps)
+            for phase, seconds in stats.phase_seconds.items():
                 self.phases.labels(phase).set(seconds)
-            self.prefix_query.set(engine.scheduler.prefix_query_tokens)
-            self.prefix_hit.set(engine.scheduler.prefix_hit_tokens)
+            self.prefix_query.set(stats.prefix_query_tokens)
+            self.prefix_hit.set(stats.prefix_hit_tokens)
+            self.kv_used.set(stats.kv_blocks_used)
+            self.kv_total.set(stats.kv_blocks_total)
         return generate_latest(self.registry)
 
 

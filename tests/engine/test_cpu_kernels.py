@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagellm.engine.attention import StepMetadata, _decode_attention
+from sagellm.model.attention import StepMetadata, _decode_attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.model import cpu_kernels
 
@@ -115,7 +115,7 @@ def test_rope_write_kv_equals_rotate_and_index_copy(ops, dtype, tokens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ctx,t", [(0, 64), (0, 200), (37, 64), (300, 129), (1000, 65)])
 def test_blocked_prefill_with_causal_softmax_equals_sdpa(ops, dtype, ctx, t):
-    from sagellm.engine.attention import _blocked_prefill_attention
+    from sagellm.model.attention import _blocked_prefill_attention
 
     g = torch.Generator().manual_seed(ctx + t)
     q, k, v = (torch.randn(n, ctx + t if n == 3 else t, 64, generator=g).to(dtype) for n in (9, 3, 3))
@@ -145,10 +145,10 @@ def test_engine_output_same_with_kernels_off(chat_ids, loaded_model):
     from sagellm.model.loader import load_weights
     from sagellm.settings import Settings
 
-    assert loaded_model.model.sagellm_kernels is not None  # on by default
+    assert loaded_model.model.kernels is not None  # on by default
     assert loaded_model.model.dtype == torch.float32
     plain = load_weights(loaded_model.source.path, Settings(dtype="float32", cpu_kernels=False), "cpu")
-    assert plain.sagellm_kernels is None and plain.sagellm_fast.kernels is None
+    assert plain.kernels is None and plain.fast.kernels is None
     prompts = [chat_ids(q) for q in ("Why is the sky blue?", "Name three prime numbers.", "Write a haiku.")]
     outputs = []
     for model in (loaded_model.model, plain):
@@ -160,3 +160,77 @@ def test_engine_output_same_with_kernels_off(chat_ids, loaded_model):
         finally:
             engine.stop()
     assert outputs[0] == outputs[1]
+
+
+# ---- sliding windows, logit softcapping and attention sinks (Mistral, Gemma 2, gpt-oss, ...) ----
+
+FEATURES = [dict(window=20, softcap=0.0, sinks=False), dict(window=0, softcap=5.0, sinks=False),
+            dict(window=0, softcap=0.0, sinks=True), dict(window=33, softcap=0.5, sinks=True)]
+
+
+def _eager(q, k, v, qpos, scale, window, softcap, sinks):
+    """transformers' eager attention in float64, one sequence: q [H, n, D] at positions qpos
+    [n]; k, v [KVH, keys, D] at positions 0 .. keys - 1; sinks [H] or None -> [H, n, D]."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = q @ k.transpose(1, 2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    kpos = torch.arange(k.shape[1])[None, :]
+    hidden = (kpos > qpos[:, None]) | ((kpos <= qpos[:, None] - window) if window else False)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double().view(-1, 1, 1).expand(-1, scores.shape[1], 1)], dim=-1)
+    return (scores.softmax(-1)[..., :k.shape[1]] @ v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+def test_decode_attention_features_equal_eager(ops, dtype, feature):
+    lengths = [1, 15, 20, 21, 33, 34, 100, 250]  # inside, at and past the window; block edges
+    heads, kv_heads, d = 8, 2, 64
+    cache, table, lens, bias, q = _decode_case(dtype, len(lengths), heads, kv_heads, d, lengths, seed=3)
+    window, softcap = feature["window"], feature["softcap"]
+    sinks = torch.randn(heads, generator=torch.Generator().manual_seed(4)) * 2 if feature["sinks"] else None
+    k_cache, v_cache = cache.keys[0], cache.values[0]
+    got = ops.paged_decode_attention(q, k_cache, v_cache, table, lens, 16, 0.125, window, softcap,
+                                     None if sinks is None else sinks.to(dtype))
+    meta = StepMetadata(cache, None, len(lengths), table, bias, [], decode_lens=lens)
+    plain = _decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125, window, softcap, sinks)
+    for b, n in enumerate(lengths):
+        slots = (table[b, torch.arange(n) // 16] * 16 + torch.arange(n) % 16)
+        want = _eager(q[b][:, None], k_cache[:, slots], v_cache[:, slots], torch.tensor([n - 1]), 0.125, window,
+                      softcap, None if sinks is None else sinks.to(dtype))[:, 0]
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[b].double(), want, **tol)  # the kernel
+        torch.testing.assert_close(plain[b].double(), want, **tol)  # the torch operators it replaces
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
+@pytest.mark.parametrize("ctx,t", [(0, 64), (0, 150), (37, 64), (300, 129), (5, 7)])
+def test_blocked_prefill_features_equal_eager(ops, dtype, feature, ctx, t):
+    from sagellm.model.attention import _blocked_prefill_attention
+
+    g = torch.Generator().manual_seed(ctx + t)
+    q, k, v = (torch.randn(n, ctx + t if n == 2 else t, 64, generator=g).to(dtype) for n in (8, 2, 2))
+    window, softcap = feature["window"], feature["softcap"]
+    sinks = (torch.randn(8, generator=g) * 2).to(dtype) if feature["sinks"] else None
+    want = _eager(q, k, v, ctx + torch.arange(t), 0.125, window, softcap, sinks)
+    got = _blocked_prefill_attention(q, k, v, ctx, 0.125, ops, window, softcap, sinks)
+    plain = _blocked_prefill_attention(q, k, v, ctx, 0.125, None, window, softcap, sinks)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(plain.double(), want, **tol)
+
+
+def test_softcap_tanh_is_accurate_over_its_whole_range(ops):
+    """The kernels' vectorised tanh against torch's, from tiny to saturated arguments: one query
+    with a single key per score, so each probability isolates one tanh."""
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.logspace(-7, 0, 200), -torch.logspace(-7, 0, 200)])
+    # causal_softmax over two keys [x, 0] (softcap 1): p0 = sigmoid(tanh(x) - tanh(0)).
+    scores = torch.stack([x, torch.zeros_like(x)], dim=-1).contiguous()  # [rows, 2]
+    probs = ops.causal_softmax(scores, 1.0, 1, 1, 0, 1.0)
+    want = torch.sigmoid(torch.tanh(x.double()))
+    torch.testing.assert_close(probs[:, 0].double(), want, atol=2e-7, rtol=0)

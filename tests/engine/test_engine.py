@@ -256,12 +256,13 @@ def plain_transformers_model(loaded_model):
     the tensor-parallel ranks run (logits_to_keep), not the lean one."""
     from transformers import AutoModelForCausalLM
 
-    from sagellm.engine import attention
+    from sagellm.model import attention
+    from sagellm.model.forward import ModelForward
 
     attention.register()
-    model = AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
-                                                 attn_implementation=attention.ATTN_IMPLEMENTATION).eval()
-    assert getattr(model, "sagellm_fast", None) is None
+    model = ModelForward(AutoModelForCausalLM.from_pretrained(loaded_model.source.path, dtype=loaded_model.dtype,
+                                                              attn_implementation=attention.ATTN_IMPLEMENTATION).eval())
+    assert model.fast is None
     return model
 
 
@@ -295,11 +296,12 @@ def test_chunked_prompt_logprobs_equal_unchunked(chat_ids, loaded_model, referen
 def test_scored_prompts_prefill_in_bounded_chunks(chat_ids, loaded_model):
     """Prompt logprobs keep a logits row per prompt token: the scheduler caps those rows per step
     (max_prompt_logprob_rows) even when the prefill budget would take the whole prompt, while an
-    unscored prompt in the same steps still prefills at once."""
+    unscored prompt in the same steps still prefills at once. Without the prefix cache: the plain
+    prompt would otherwise start from whatever blocks the scored one has finished by then."""
     ids = chat_ids(" ".join(QUESTIONS) * 2)
     engine = LLMEngine(loaded_model.model, loaded_model.tokenizer,
                        EngineConfig(max_batch_size=8, max_prefill_tokens=4096, max_total_tokens=2048,
-                                    num_kv_blocks=256), loaded_model.eos_token_ids)
+                                    num_kv_blocks=256, prefix_caching=False), loaded_model.eos_token_ids)
     engine.scheduler.max_prompt_logprob_rows = 32
     chunks = []
     real_schedule = engine.scheduler.schedule

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from sagellm.errors import ModelLoadError, SettingsError, TemplateError
 from sagellm.model.bundled import bundled_model_dir
 from sagellm.model.chat_template import ChatTemplate, find_template
-from sagellm.model.loader import derive_limits
+from sagellm.engine.limits import derive_limits
 from sagellm.model.resolve import resolve_model
 from sagellm.settings import Settings
 

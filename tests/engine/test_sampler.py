@@ -41,7 +41,7 @@ class Mask:
 
 
 def seq(params: SamplingParams, output=OUTPUT, matcher=None, prompt=PROMPT) -> Sequence:
-    s = Sequence("r", prompt, params, None, frozenset())
+    s = Sequence("r", prompt, params, None)
     s.output_ids = list(output)
     s.matcher = matcher
     return s

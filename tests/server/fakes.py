@@ -9,6 +9,7 @@ import threading
 
 
 from sagellm.api.context import ServingContext
+from sagellm.engine.client import EngineClient, EngineStats, Health, Limits, ModelInfo, RequestStream, TokenSpan
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.settings import Settings
 
@@ -18,7 +19,7 @@ CHAT = [{"role": "user", "content": "Say hello"}]
 NATIVE = {"inputs": "a b c", "parameters": {"max_new_tokens": 5}}
 
 
-class FakeHandle:
+class FakeHandle(RequestStream):
     def __init__(self, engine: "FakeEngine", ids, params):
         self.engine = engine
         self.request_id = f"req-{len(engine.handles)}"
@@ -69,18 +70,59 @@ def tokenize(text: str, add_special: bool = True) -> list[int]:
     return [len(w) for w in text.split()]
 
 
-def make_ctx(settings: Settings, engine: FakeEngine) -> ServingContext:
-    return ServingContext(
-        settings=settings, model_id="fake/model", served_name="fake-model", device="cpu", dtype="float32",
-        max_input_tokens=100, max_total_tokens=200, max_batch_prefill_tokens=100,
-        max_batch_total_tokens=1000, max_batch_size=4,
-        tokenize=tokenize,
-        tokenize_offsets=lambda text: [(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)],
-        decode=lambda ids: "".join(VOCAB.get(i, "") for i in ids),
-        render_chat=lambda messages, **kw: " ".join(m["content"] for m in messages),
-        encode_chat=lambda prompt: tokenize(prompt),
-        submit=engine.submit,
-    )
+class FakeClient(EngineClient):
+    """The EngineClient over a scripted engine (anything with `submit(ids, params)`); words
+    are tokens, a token's id its length."""
+
+    model = ModelInfo(model_id="fake/model", served_name="fake-model", device="cpu", dtype="float32")
+    limits = Limits(max_input_tokens=100, max_total_tokens=200, max_batch_prefill_tokens=100,
+                    max_batch_total_tokens=1000, max_batch_size=4)
+
+    def __init__(self, engine, compile_grammar=None):
+        self.fake, self._compile = engine, compile_grammar
+
+    def submit(self, prompt_ids, params, request_id=None):
+        return self.fake.submit(prompt_ids, params)
+
+    def abort(self, request_id):
+        pass
+
+    def health(self):
+        return Health(True, True)
+
+    def stats(self):
+        return EngineStats(0, 0, 0)
+
+    def shutdown(self):
+        pass
+
+    def tokenize(self, text, add_special_tokens=True):
+        return tokenize(text)
+
+    def tokenize_with_offsets(self, text):
+        return [TokenSpan(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+    def decode(self, token_ids):
+        return "".join(VOCAB.get(i, "") for i in token_ids)
+
+    template_shows_tools = False
+
+    def render_chat(self, messages, **kw):
+        return " ".join(m["content"] for m in messages)
+
+    def encode_chat(self, prompt):
+        return tokenize(prompt)
+
+    @property
+    def supports_grammar(self):
+        return self._compile is not None
+
+    def compile_grammar(self, kind, value, param):
+        return self._compile(kind, value, param)
+
+
+def make_ctx(settings: Settings, engine, compile_grammar=None) -> ServingContext:
+    return ServingContext(settings, FakeClient(engine, compile_grammar))
 
 
 class FakeRuntime:

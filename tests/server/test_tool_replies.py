@@ -9,6 +9,7 @@ import json
 import pytest
 from fakes import make_ctx, sse_events
 
+from sagellm.engine.client import RequestStream
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.server.app import create_app
 from sagellm.settings import Settings
@@ -35,7 +36,7 @@ class Scripted:
         return _Handle(self, f"r{len(self.submitted)}", text)
 
 
-class _Handle:
+class _Handle(RequestStream):
     def __init__(self, engine, request_id, text):
         self.engine, self.request_id, self.text = engine, request_id, text
         self.prompt_len, self.seed = 3, None
@@ -54,8 +55,7 @@ class _Handle:
 def client_for(engine: Scripted):
     class Runtime:
         state, engine_ = "ready", None
-        ctx = make_ctx(Settings(), engine)
-        ctx.compile_grammar = lambda kind, value, param: ("grammar", kind)
+        ctx = make_ctx(Settings(), engine, compile_grammar=lambda kind, value, param: ("grammar", kind))
 
         def healthy(self):
             return True, "ok"

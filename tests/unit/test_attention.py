@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagellm.engine.attention import _blocked_prefill_attention
+from sagellm.model.attention import _blocked_prefill_attention
 
 
 @pytest.mark.parametrize("ctx,t", [(0, 64), (0, 200), (37, 64), (300, 129), (1000, 65)])

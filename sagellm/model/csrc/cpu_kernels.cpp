@@ -8,8 +8,9 @@
 //   argmax_rows             greedy picks straight off bf16 logits (torch first converts them);
 //   rope_write_kv           rotary embedding of the q and k heads, and the new k and v stored in
 //                           the paged cache, straight from the fused q/k/v projection;
-//   causal_softmax          a prefill block's scores scaled, causally masked and softmaxed in one
-//                           pass, in the scores' dtype (torch: five passes, three in float32).
+//   causal_softmax          a prefill block's scores scaled, causally masked (and windowed,
+//                           softcapped, with sinks where the model has them) and softmaxed in
+//                           one pass, in the scores' dtype (torch: five passes, three in float32).
 // Arithmetic follows the torch operators it replaces: float32 inside, results rounded to the
 // tensor's dtype where torch rounds them.
 
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "simd.h"
@@ -176,38 +178,53 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at:
 
 // ---- prefill: scale, causal mask and softmax of one block of queries' scores ----
 
-// scores: [rows, keys], rows ordered (kv head, query head in group, query i); query i of the
-// block sees keys 0 .. first_masked + i. Softmax in float32, the probabilities rounded to the
+// scores: [rows, keys], rows ordered (kv head, query head in group, query i), so row r belongs to
+// query head r / n; query i of the block sees keys lo .. first_masked + i, where lo is 0 or, with a
+// sliding window, first_masked + i + 1 - window. Softcapped if softcap > 0, softmaxed in float32
+// with the head's sink as one more logit if there are sinks, the probabilities rounded to the
 // scores' dtype, the keys it cannot see 0.
 template <typename T>
 void causal_softmax_impl(const T* sc, T* out, int64_t rows, int64_t keys, int64_t n, int64_t first_masked,
-                         float scale) {
+                         float scale, int64_t window, float softcap, const float* sinks) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(keys);
-    float* f = buf.data();
     const __m512 sv = _mm512_set1_ps(scale);
     for (int64_t r = begin; r < end; ++r) {
-      const T* x = sc + r * keys;
       T* o = out + r * keys;
-      const int64_t vis = std::min<int64_t>(keys, first_masked + r % n + 1);
+      const int64_t hi = std::min<int64_t>(keys, first_masked + r % n + 1);
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+      const int64_t vis = hi - lo;
+      const T* x = sc + r * keys + lo;
+      float* f = buf.data();
       int64_t i = 0;
       for (; i + 16 <= vis; i += 16) _mm512_storeu_ps(f + i, _mm512_mul_ps(load16(x + i), sv));
       for (; i < vis; ++i) f[i] = static_cast<float>(x[i]) * scale;
-      softmax_inplace(f, vis);
-      for (i = 0; i + 16 <= vis; i += 16) store16(o + i, _mm512_loadu_ps(f + i));
-      for (; i < vis; ++i) o[i] = static_cast<T>(f[i]);
-      for (; i < keys; ++i) o[i] = static_cast<T>(0.f);
+      if (softcap > 0) softcap_inplace(f, vis, softcap);
+      softmax_inplace(f, vis, sinks ? sinks[r / n] : -INFINITY);
+      for (i = 0; i < lo; ++i) o[i] = static_cast<T>(0.f);
+      T* ov = o + lo;
+      for (i = 0; i + 16 <= vis; i += 16) store16(ov + i, _mm512_loadu_ps(f + i));
+      for (; i < vis; ++i) ov[i] = static_cast<T>(f[i]);
+      for (i = hi; i < keys; ++i) o[i] = static_cast<T>(0.f);
     }
   });
 }
 
-at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t n, int64_t first_masked) {
+at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t n, int64_t first_masked, int64_t window,
+                          double softcap, const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(scores.is_contiguous() && scores.size(-2) % n == 0, "causal_softmax: contiguous [..., rows, keys]");
+  TORCH_CHECK(window >= 0 && softcap >= 0, "causal_softmax: window and softcap must be >= 0");
   auto out = at::empty_like(scores);
   const int64_t keys = scores.size(-1), rows = scores.numel() / keys;
-  const float s = static_cast<float>(scale);
-  if (scores.scalar_type() == at::kBFloat16) causal_softmax_impl<bf16>(scores.data_ptr<bf16>(), out.data_ptr<bf16>(), rows, keys, n, first_masked, s);
-  else if (scores.scalar_type() == at::kFloat) causal_softmax_impl<float>(scores.data_ptr<float>(), out.data_ptr<float>(), rows, keys, n, first_masked, s);
+  at::Tensor sink;
+  if (sinks.has_value()) {
+    sink = sinks->to(at::kFloat).contiguous();
+    TORCH_CHECK(sink.dim() == 1 && sink.size(0) * n == rows, "causal_softmax: one sink per query head");
+  }
+  const float* sp = sinks.has_value() ? sink.data_ptr<float>() : nullptr;
+  const float s = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  if (scores.scalar_type() == at::kBFloat16) causal_softmax_impl<bf16>(scores.data_ptr<bf16>(), out.data_ptr<bf16>(), rows, keys, n, first_masked, s, window, cap, sp);
+  else if (scores.scalar_type() == at::kFloat) causal_softmax_impl<float>(scores.data_ptr<float>(), out.data_ptr<float>(), rows, keys, n, first_masked, s, window, cap, sp);
   else TORCH_CHECK(false, "causal_softmax: float32 or bfloat16 only");
   return out;
 }
@@ -262,12 +279,13 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 
 TORCH_LIBRARY(sagellm, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-        "Tensor context_lens, int block_size, float scale) -> Tensor");
+        "Tensor context_lens, int block_size, float scale, int window=0, float softcap=0., Tensor? sinks=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) h, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
-  m.def("causal_softmax(Tensor scores, float scale, int n, int first_masked) -> Tensor");
+  m.def("causal_softmax(Tensor scores, float scale, int n, int first_masked, int window=0, float softcap=0., "
+        "Tensor? sinks=None) -> Tensor");
   m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int heads, int kv_heads) -> Tensor");
 }

@@ -1,5 +1,6 @@
 // Shared by sagellm's CPU kernels: 16-lane float32 loads and stores of float32 or bfloat16
-// data, rounding to a dtype, a vectorised exp and a softmax. AVX-512 (x86-64-v4).
+// data, rounding to a dtype, vectorised exp and tanh, attention logit softcapping and a softmax
+// (with an optional attention sink). AVX-512 (x86-64-v4).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -52,15 +53,52 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// In place: s[0 .. n) <- softmax(s), n >= 1.
-inline void softmax_inplace(float* s, int64_t n) {
+// tanh(x), to a few float32 roundings: sign(x) * -u / (2 + u) with u = e^(-2|x|) - 1, where u
+// comes from its Taylor series near 0 (so small |x| keep their relative precision) and from exp16
+// elsewhere; no overflow for any x.
+inline __m512 tanh16(__m512 x) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.f));  // <= 0
+  // e^z - 1 = z + z^2 (1/2 + z (1/6 + ...)), to z^9: below 1e-9 relative error for |z| < 0.35.
+  __m512 p = _mm512_set1_ps(1.f / 362880);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f / 40320));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f / 5040));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(0.5f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(z, z), p, z);
+  const __m512 big = _mm512_sub_ps(exp16(z), _mm512_set1_ps(1.f));
+  const __m512 u = _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(z, _mm512_set1_ps(-0.35f), _CMP_GT_OQ), small);
+  const __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_setzero_ps(), u), _mm512_add_ps(_mm512_set1_ps(2.f), u));
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+}
+
+// In place: s[0 .. n) <- tanh(s / cap) * cap, attention logit softcapping (Gemma 2) as
+// transformers computes it: a division, the tanh, a multiplication.
+inline void softcap_inplace(float* s, int64_t n, float cap) {
+  const __m512 c = _mm512_set1_ps(cap);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(tanh16(_mm512_div_ps(_mm512_loadu_ps(s + i), c)), c));
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(s + i, k, _mm512_mul_ps(tanh16(_mm512_div_ps(_mm512_maskz_loadu_ps(k, s + i), c)), c));
+  }
+}
+
+// In place: s[0 .. n) <- softmax(s), n >= 1. A finite `sink` (an attention sink, gpt-oss) is one
+// more logit in the softmax whose probability is dropped: the rest then sum to less than 1.
+inline void softmax_inplace(float* s, int64_t n, float sink = -INFINITY) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + i));
-  float m = _mm512_reduce_max_ps(mx);  // a maximum is exact in any order
+  float m = std::max(_mm512_reduce_max_ps(mx), sink);  // a maximum is exact in any order
   for (; i < n; ++i) m = std::max(m, s[i]);
   const __m512 mv = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
+  if (sink != -INFINITY)  // lane 0 only: e^(sink - m), from the same exp as the scores'
+    sum = _mm512_maskz_mov_ps(1, exp16(_mm512_set1_ps(sink - m)));
   i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), mv));

@@ -1,0 +1,52 @@
+"""The text half of an EngineClient, the same whichever engine generates: a transformers
+tokenizer, the chat template (sagellm.model.chat_template) and llguidance grammars compiled for
+that tokenizer (sagellm.engine.constraint), all run in the API's threads."""
+
+from __future__ import annotations
+
+from sagellm.engine.client import CompiledGrammar, EngineClient, TokenSpan
+from sagellm.errors import ValidationError
+
+
+class TextClient(EngineClient):
+    """Engines subclass it and add the generation half (submit, abort, health, stats, shutdown)."""
+
+    def __init__(self, tokenizer, chat, grammars=None):
+        """chat: a sagellm.model.chat_template.ChatTemplate; grammars: a
+        sagellm.engine.constraint.GrammarCompiler, or None when grammar support is off."""
+        self.tokenizer = tokenizer
+        self._chat = chat
+        self._grammars = grammars
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def tokenize_with_offsets(self, text: str) -> list[TokenSpan]:
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return [TokenSpan(i, s, e) for i, (s, e) in zip(enc.input_ids, enc["offset_mapping"])]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def template_shows_tools(self) -> bool:
+        return self._chat.shows_tools
+
+    def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    kwargs: dict | None = None) -> str:
+        return self._chat.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message, kwargs=kwargs)
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        return self._chat.encode(prompt)
+
+    @property
+    def supports_grammar(self) -> bool:
+        return self._grammars is not None
+
+    def compile_grammar(self, kind: str, value: object, param: str) -> CompiledGrammar:
+        if self._grammars is None:
+            raise ValidationError(f"`{param}`: grammar is not supported (DISABLE_GRAMMAR_SUPPORT is set)",
+                                  param=param)
+        return self._grammars.compile(kind, value, param)

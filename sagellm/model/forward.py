@@ -1,0 +1,35 @@
+"""ModelForward: the loaded model and what runs its forward pass over a packed step, as explicit
+objects: the fused CPU kernels (sagellm.model.cpu_kernels) and the lean decoder
+(sagellm.model.fast_decoder) where they apply, else transformers' modules with our paged attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sagellm.model.attention import paged_attention
+
+
+@dataclass
+class ModelForward:
+    module: torch.nn.Module  # transformers' causal LM, attention routed to sagellm.model.attention
+    kernels: object | None = None  # torch.ops.sagellm with the fused kernels, or None: torch operators
+    fast: object | None = None  # a FastDecoder (one rank, Llama family), or None: transformers' forward
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.dtype
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
+                 meta) -> torch.Tensor:
+        """input_ids, position_ids: [1, T]; keep: [N] rows to score; meta: the step's
+        sagellm.model.attention.StepMetadata -> logits [N, vocab] in the model's dtype."""
+        if self.fast is not None:  # same arithmetic, less Python
+            return self.fast(input_ids, position_ids, keep, paged_attention, meta)
+        return self.module(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                           logits_to_keep=keep, sagellm_meta=meta).logits[0]
