@@ -12,6 +12,7 @@ from sagellm.engine.engine import EngineConfig, LLMEngine
 from sagellm.engine.limits import derive_limits
 from sagellm.engine.sagellm_client import SagellmEngineClient
 from sagellm.engine.sampling_params import SamplingParams
+from sagellm.errors import SettingsError
 from sagellm.model.loader import LoadedModel, load_model, open_model, pick_device
 from sagellm.settings import Settings
 
@@ -24,6 +25,9 @@ def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
     device = device or pick_device()
     files = open_model(settings)
     world = check_degree(settings.num_shard, files.config, device)
+    if settings.batch_invariant and world > 1:
+        raise SettingsError("BATCH_INVARIANT=true needs one rank (NUM_SHARD=1): tensor-parallel "
+                            "all-reduces add the shards in an order of their own")
     # Followers start now: every rank loads its shard of the weights at the same time.
     tp = TPGroup(world, device, files.source.path) if world > 1 else None
     try:

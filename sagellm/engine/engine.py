@@ -24,6 +24,7 @@ from sagellm.engine.sampler import Sample, plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import Sequence
+from sagellm.model.attention import QUERY_BLOCK
 from sagellm.model.forward import ModelForward
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class LLMEngine:
         nb, bs, layers, kvh, hd, dt = cache_shape
         self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device, prefix_caching=config.prefix_caching)
         self.runner = ModelRunner(model, self.cache, device, tp_group)
-        self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
+        self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens,
+                                   chunk_align=QUERY_BLOCK if model.batch_invariant else 1)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._by_id: dict[str, Sequence] = {}

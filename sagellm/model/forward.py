@@ -16,6 +16,9 @@ class ModelForward:
     module: torch.nn.Module  # transformers' causal LM, attention routed to sagellm.model.attention
     kernels: object | None = None  # torch.ops.sagellm with the fused kernels, or None: torch operators
     fast: object | None = None  # a FastDecoder (one rank, Llama family), or None: transformers' forward
+    # BATCH_INVARIANT: each row's arithmetic independent of the rest of the step (matmul row tiles,
+    # one rotary table, one prefill attention path); the scheduler aligns prompt chunks to match.
+    batch_invariant: bool = False
 
     @property
     def config(self):
