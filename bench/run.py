@@ -165,18 +165,20 @@ def main() -> int:
         srv = Running(name, folder, out_dir)
         try:
             ready_s = srv.wait_ready()
-            res = results[name] = {"ready_s": ready_s, "cells": {m: {} for m in modes}}
-            for mode in modes:
+            # sagellm-bi is there for BATCH_INVARIANT's cost, which is about greedy answers.
+            own_modes = [m for m in modes if m == "greedy"] if name == "sagellm-bi" else modes
+            res = results[name] = {"ready_s": ready_s, "cells": {m: {} for m in own_modes}}
+            for mode in own_modes:
                 for c in grid:
                     r = res["cells"][mode][c] = run_cell(srv, c, counts.get(c, 4 * c), a.max_tokens,
                                                          cells.body(mode, name))
                     print(f"{name:9s} {mode:9s} c={c:<3d} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 "
                           f"{r['ttft_ms_p50']} ms  errors {r['errors']}", file=sys.stderr, flush=True)
-            if "long_prompt" in extra:
+            if "long_prompt" in extra and name != "sagellm-bi":
                 res["long_prompt"] = cells.long_prompt_ttft(
                     lambda text: run_cell(srv, 1, 1, 8, system_prompt=text, warmup=0), tokenizer)
                 print(f"{name:9s} long prompt TTFT {res['long_prompt']['ttft_ms']} ms", file=sys.stderr, flush=True)
-            if shared is not None:
+            if shared is not None and name != "sagellm-bi":
                 c, n = cells.SHARED_PREFIX_CELL
                 r = res["shared_prefix"] = run_cell(srv, c, n, a.max_tokens, system_prompt=shared)
                 print(f"{name:9s} shared prefix c={c} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']} ms"
@@ -194,11 +196,16 @@ def _ratio(ours, theirs) -> str:
     return f"{ours / theirs:.2f}x" if ours and theirs else "-"
 
 
+def _cell(res: dict, mode: str, c: int) -> dict:
+    """A cell's result, or an empty one where the server did not run that mode (sagellm-bi)."""
+    return res["cells"].get(mode, {}).get(c) or {"out_tok_per_s": None, "ttft_ms_p50": None}
+
+
 def print_table(results: dict, grid: list[int], modes: list[str]) -> None:
     print("\n| server | mode | c | tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
-        for mode in modes:
+        for mode in res["cells"]:
             for c in grid:
                 r = res["cells"][mode][c]
                 print(f"| {name} | {mode} | {c} | {fmt(r['out_tok_per_s'])} | {fmt(r['req_per_s'])} | "
@@ -208,7 +215,7 @@ def print_table(results: dict, grid: list[int], modes: list[str]) -> None:
     print("| server | " + " | ".join(f"c={c}" for c in grid) + " |")
     print("|---|" + "---|" * len(grid))
     for name, res in results.items():
-        print(f"| {name} | " + " | ".join(" / ".join(fmt(res["cells"][m][c]["out_tok_per_s"]) for m in modes)
+        print(f"| {name} | " + " | ".join(" / ".join(fmt(_cell(res, m, c)["out_tok_per_s"]) for m in modes)
                                           for c in grid) + " |")
     print("\n| server | ready after (s) | peak RSS (MB) | 2,000-token prompt TTFT, median ms | "
           "c=16 shared 1,000-token system prompt: tok/s, TTFT p50 ms |")
@@ -225,7 +232,7 @@ def print_table(results: dict, grid: list[int], modes: list[str]) -> None:
         print("| c | " + " | ".join(f"{m} tok/s" for m in modes) + " | " + " | ".join(f"{m} TTFT" for m in modes) + " |")
         print("|---|" + "---|" * 2 * len(modes))
         for c in grid:
-            o, p = [ours["cells"][m][c] for m in modes], [theirs["cells"][m][c] for m in modes]
+            o, p = [_cell(ours, m, c) for m in modes], [_cell(theirs, m, c) for m in modes]
             print(f"| {c} | " + " | ".join(_ratio(x["out_tok_per_s"], y["out_tok_per_s"]) for x, y in zip(o, p))
                   + " | " + " | ".join(_ratio(x["ttft_ms_p50"], y["ttft_ms_p50"]) for x, y in zip(o, p)) + " |")
         if ours.get("long_prompt") and theirs.get("long_prompt"):
