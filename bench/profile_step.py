@@ -5,11 +5,14 @@ detokenize + stop checks + events), the torch profiler's top operators inside `f
 floors this machine's memory bandwidth and matmul rate allow (bench/hw_limits.py).
 
     python bench/profile_step.py [--dtype bfloat16] [--batches 1,16,64] [--steps 32]
+    python bench/profile_step.py --sampling '{"temperature": 0.8, "top_p": 0.95}'
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -32,10 +35,15 @@ def _drive(engine: LLMEngine, steps: int) -> None:
         engine.step()
 
 
+SAMPLING: dict = {}  # extra SamplingParams fields for every request (--sampling)
+
+
 def _start_batch(engine: LLMEngine, prompt: list[int], batch: int, max_new: int):
-    # As an OpenAI chat request without logprobs (what loadgen sends).
-    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, logprobs=False)
-    handles = [engine.submit(prompt, params) for _ in range(batch)]
+    # As an OpenAI chat request without logprobs (what loadgen sends); sampled requests get
+    # seeds 0, 1, ... so rows differ as different requests' would.
+    params = SamplingParams(max_new_tokens=max_new, ignore_eos=True, logprobs=False, **SAMPLING)
+    handles = [engine.submit(prompt, params if not params.do_sample else
+                             dataclasses.replace(params, seed=i)) for i in range(batch)]
     _drive(engine, 4)  # prefill (one step for all) and a few decode steps: the batch is steady
     return handles
 
@@ -76,7 +84,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--cpu-kernels", default="true", help="false: torch operators instead of the fused kernels")
     ap.add_argument("--profile", action="store_true", help="also print the torch profiler's top ops")
+    ap.add_argument("--sampling", default="{}", help='JSON of SamplingParams fields, e.g. \'{"temperature": 0.8}\' '
+                    "(any field but do_sample turns sampling on)")
     a = ap.parse_args()
+    SAMPLING.update(json.loads(a.sampling))
+    if SAMPLING:
+        SAMPLING.setdefault("do_sample", True)
     lm = load_model(Settings.from_env({"DTYPE": a.dtype, "CPU_KERNELS": a.cpu_kernels}))
     cfg = EngineConfig(max_batch_size=128, max_prefill_tokens=4096, max_total_tokens=2048, num_kv_blocks=2048)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, lm.eos_token_ids)  # not started: driven here

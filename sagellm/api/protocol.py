@@ -23,6 +23,7 @@ class GenerateParameters(_Lenient):
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None  # vLLM's (and transformers'); not in TGI
     typical_p: float | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -81,6 +82,7 @@ class OpenAISampling(_Lenient):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None  # vLLM's extension, as its clients send it (extra_body)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None

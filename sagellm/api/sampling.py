@@ -20,10 +20,10 @@ GREEDY_TEMPERATURE = 1e-5
 
 def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, repetition_penalty,
                  frequency_penalty, presence_penalty, stop: list[str], seed, max_new_name: str,
-                 max_new_tokens, zero_ok: bool = False) -> None:
+                 max_new_tokens, zero_ok: bool = False, min_p=None) -> None:
     """zero_ok: max_new_tokens 0 is allowed (completions with echo: score the prompt only)."""
     s = ctx.settings
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("typical_p", typical_p),
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
                         ("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
                         ("presence_penalty", presence_penalty)):
         if value is not None and not math.isfinite(value):
@@ -40,6 +40,8 @@ def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, r
             raise invalid(f"`{name}` must be >= -2.0 and <= 2.0. Given: {value}", name)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise invalid(f"`top_p` must be > 0.0 and <= 1.0. Given: {top_p}", "top_p")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise invalid(f"`min_p` must be >= 0.0 and <= 1.0. Given: {min_p}", "min_p")
     if typical_p is not None and not 0.0 < typical_p <= 1.0:
         raise invalid(f"`typical_p` must be > 0.0 and <= 1.0. Given: {typical_p}", "typical_p")
     if top_k is not None and top_k < -1:
@@ -73,7 +75,7 @@ def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None,
 
 
 def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, temperature, top_k,
-                 top_p, typical_p=None, repetition_penalty=None, frequency_penalty=None,
+                 top_p, min_p=None, typical_p=None, repetition_penalty=None, frequency_penalty=None,
                  presence_penalty=None, stop=(), seed=None, logit_bias=(), min_new_tokens=None,
                  ignore_eos=None, top_n_tokens=0, logprobs=True, prompt_logprobs=False,
                  adapter=None) -> SamplingParams:
@@ -84,6 +86,7 @@ def build_params(ctx: ServingContext, *, max_new_tokens: int, do_sample: bool, t
         temperature=temperature if temperature is not None and temperature >= GREEDY_TEMPERATURE else 1.0,
         top_k=top_k if top_k and top_k > 0 else 0,
         top_p=top_p if top_p is not None else 1.0,
+        min_p=min_p or 0.0,
         typical_p=typical_p if typical_p is not None else 1.0,
         repetition_penalty=repetition_penalty if repetition_penalty is not None else 1.0,
         frequency_penalty=frequency_penalty or 0.0,
@@ -113,7 +116,7 @@ def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inp
     check_common(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, typical_p=None,
                  repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                  presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, max_new_name=name,
-                 max_new_tokens=requested, zero_ok=zero_ok)
+                 max_new_tokens=requested, zero_ok=zero_ok, min_p=req.min_p)
     if req.min_tokens is not None and req.min_tokens < 0:
         raise invalid(f"`min_tokens` must be >= 0. Given: {req.min_tokens}", "min_tokens")
     bias = logit_bias(ctx, req.logit_bias)
@@ -121,7 +124,7 @@ def openai_params(ctx: ServingContext, req: OpenAISampling, prompt_len: int, inp
     greedy = req.temperature is not None and req.temperature < GREEDY_TEMPERATURE
     adapter = adapters.for_openai(ctx, req.model)
     return build_params(ctx, max_new_tokens=max_new, do_sample=not greedy,
-                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                        temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                         repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
                         presence_penalty=req.presence_penalty, stop=stop, seed=req.seed, logit_bias=bias,
                         min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, top_n_tokens=top_n,

@@ -41,7 +41,7 @@ def _best_of(ctx: ServingContext, p: GenerateParameters, stream: bool) -> int:
     if not 0 < n <= limit:
         raise invalid(f"`best_of` must be > 0 and <= {limit}. Given: {n} (MAX_BEST_OF={limit})", "best_of")
     # TGI counts any warper field as asking for sampling, even next to do_sample=false.
-    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p))
     if not sampling or (p.temperature is not None and p.temperature < GREEDY_TEMPERATURE):
         raise invalid("you must use sampling when `best_of` is > 1", "best_of")
     return n
@@ -55,7 +55,7 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
     check_common(ctx, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, typical_p=p.typical_p,
                  repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
                  presence_penalty=p.presence_penalty, stop=stop, seed=p.seed,
-                 max_new_name="max_new_tokens", max_new_tokens=p.max_new_tokens)
+                 max_new_name="max_new_tokens", max_new_tokens=p.max_new_tokens, min_p=p.min_p)
     best_of = _best_of(ctx, p, stream)
     adapter = adapters.for_native(ctx, p.adapter_id)
     if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= s.max_top_n_tokens:
@@ -75,12 +75,13 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
     max_new = resolve_max_new(ctx, len(ids), p.max_new_tokens, inputs_name="inputs",
                               max_new_name="max_new_tokens")
     warper = ((p.temperature is not None and p.temperature != 1.0) or bool(p.top_k and p.top_k > 0)
-              or (p.top_p is not None and p.top_p < 1.0) or (p.typical_p is not None and p.typical_p < 1.0))
+              or (p.top_p is not None and p.top_p < 1.0) or (p.typical_p is not None and p.typical_p < 1.0)
+              or bool(p.min_p))
     do_sample = p.do_sample if p.do_sample is not None else (not has_parameters or warper)
     if p.temperature is not None and p.temperature < GREEDY_TEMPERATURE:
         do_sample = False  # temperature 0 means greedy everywhere (TGI would refuse it)
     params = build_params(ctx, max_new_tokens=max_new, do_sample=do_sample or best_of > 1,
-                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
+                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, typical_p=p.typical_p,
                           repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
                           presence_penalty=p.presence_penalty, stop=stop, seed=p.seed,
                           min_new_tokens=p.min_new_tokens, ignore_eos=p.ignore_eos,

@@ -15,7 +15,7 @@ from sagellm.engine.engine import EngineConfig, LLMEngine
 from sagellm.engine.frontend import describe_limits, grammar_compiler, vocab_size, warm_up
 from sagellm.engine.limits import derive_limits
 from sagellm.engine.sagellm_client import SagellmEngineClient
-from sagellm.errors import ModelLoadError, ValidationError
+from sagellm.errors import ModelLoadError, SettingsError, ValidationError
 from sagellm.model import lora as lora_mod
 from sagellm.model import quantization
 from sagellm.model.loader import LoadedModel, load_model, open_model, pick_device
@@ -50,6 +50,9 @@ def _build_sagellm(settings: Settings, device: str) -> EngineClient:
     files = open_model(settings)
     quantization.load_kwargs(settings, files.config)  # refused before any rank starts
     world = check_degree(settings.num_shard, files.config, device)
+    if settings.batch_invariant and world > 1:
+        raise SettingsError("BATCH_INVARIANT=true needs one rank (NUM_SHARD=1): tensor-parallel "
+                            "all-reduces add the shards in an order of their own")
     adapters = lora_mod.folder_adapters(settings.model_dir) + list(settings.lora_adapters)
     lora = bool(adapters) or settings.max_loras is not None
     if lora and world > 1:

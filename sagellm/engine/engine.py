@@ -26,6 +26,7 @@ from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import Sequence
 from sagellm.errors import NotFound
+from sagellm.model.attention import QUERY_BLOCK
 from sagellm.model.forward import ModelForward
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class LLMEngine:
         nb, bs, layers, kvh, hd, dt = cache_shape
         self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device, prefix_caching=config.prefix_caching)
         self.runner = ModelRunner(model, self.cache, device, tp_group)
-        self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens)
+        self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens,
+                                   chunk_align=QUERY_BLOCK if model.batch_invariant else 1)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._by_id: dict[str, Sequence] = {}
@@ -190,6 +192,9 @@ class LLMEngine:
         for seq, s in zip(sampling, samples):
             if s is None:
                 continue
+            if s.error is not None:  # this row only
+                self._fail(seq, s.error)
+                continue
             try:  # the grammar's matcher, the detokenizer or a stop rule raising ends this request only
                 if seq.params.max_new_tokens == 0:  # scored the prompt; its sample is not wanted
                     self._finish_scored(seq)
@@ -204,25 +209,29 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]
                 ) -> tuple[list[Sample | None], list[tuple[Sequence, str]]]:
-        """logits: [N, vocab] in the model's dtype, one row per sequence (left unchanged but for
-        banned EOS). One Sample per row, None for a row whose sampling raised; those rows are
-        returned with the error to fail them alone. When the batch raises, each row is sampled
-        again on its own, from the same logits and generator state, so the others' tokens are
-        the ones they would have drawn anyway."""
-        states = [seq.generator.get_state() if seq.generator is not None else None for seq in seqs]
-        try:
-            # A float32 copy even of float32 logits: the sampler writes penalties into its rows.
-            return (plain_greedy(logits, seqs, self.eos_token_ids, self.runner.kernels)
-                    or sample(logits.to(torch.float32, copy=True), seqs, self.eos_token_ids)), []
-        except Exception:
-            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
-        samples: list[Sample | None] = []
-        failed = []
-        for i, seq in enumerate(seqs):
-            if states[i] is not None:
-                seq.generator.set_state(states[i])
+        """logits: [N, vocab] in the model's dtype, one row per sequence. One Sample per row (its
+        `error` set when no token could be drawn), None for a row failed here; those rows are
+        returned with the error to fail them alone. A row whose logit_bias names an id outside the
+        vocabulary never reaches the sampler (the fused kernel indexes with them). When the batch
+        raises, each row is sampled again on its own from the same logits (the draws are keyed by
+        seed and position, not by the batch), so the others get the tokens they would have drawn."""
+        vocab, kernels, eos = logits.shape[1], self.runner.kernels, self.eos_token_ids
+        failed = [(seq, f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})")
+                  for seq in seqs if any(not 0 <= t < vocab for t, _ in seq.params.logit_bias)]
+        if not failed:
             try:
-                samples.append(sample(logits[i:i + 1].to(torch.float32, copy=True), [seq], self.eos_token_ids)[0])
+                # A copy: the sampler writes penalties into its rows, and the fallback needs them as they were.
+                return (plain_greedy(logits, seqs, eos, kernels) or sample(logits.clone(), seqs, eos, kernels)), []
+            except Exception:
+                log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        bad = {id(seq) for seq, _ in failed}
+        samples: list[Sample | None] = []
+        for i, seq in enumerate(seqs):
+            if id(seq) in bad:
+                samples.append(None)
+                continue
+            try:
+                samples.append(sample(logits[i:i + 1].clone(), [seq], eos, kernels)[0])
             except Exception as exc:
                 samples.append(None)
                 failed.append((seq, f"sampling failed: {type(exc).__name__}: {exc}"))

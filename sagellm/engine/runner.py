@@ -140,7 +140,8 @@ class ModelRunner:
         prefills = [PrefillChunk(c.q_start, c.q_len, c.ctx_len, to(c.slots), to(c.mask)) for c in step.prefills]
         meta = StepMetadata(cache=self.cache, slot_mapping=to(step.slot_mapping), num_decode=step.num_decode,
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
-                            prefills=prefills, decode_lens=to(step.decode_lens), kernels=self.kernels)
+                            prefills=prefills, decode_lens=to(step.decode_lens), kernels=self.kernels,
+                            batch_invariant=self.model.batch_invariant)
         lora = None if step.lora is None else LoraBatch([LoraGroup(g.weights, to(g.rows)) for g in step.lora.groups])
         logits = self.model(to(step.input_ids), to(step.position_ids), to(step.keep), meta, lora)
         return logits[:step.num_sampled + step.num_prompt_logprobs]

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int  # 0: score the prompt (prompt_logprobs) without generating
-    # Greedy when False; temperature/top_k/top_p only apply when sampling.
+    # Greedy when False; temperature and the filters below only apply when sampling, in
+    # transformers' order: temperature, top_k, top_p, min_p, typical_p.
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off; keeps tokens at least min_p times as likely as the best
     typical_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated tokens
     frequency_penalty: float = 0.0  # OpenAI meaning: minus penalty * count in the output

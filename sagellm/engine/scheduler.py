@@ -31,8 +31,16 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_batch_size: int, max_prefill_tokens: int,
-                 max_prompt_logprob_rows: int = 512):
+                 max_prompt_logprob_rows: int = 512, chunk_align: int = 1):
         self.cache = cache
+        # BATCH_INVARIANT (chunk_align = the attention's query block, 64): a prompt chunk starts
+        # and ends on a multiple of it (or ends with the prompt), every prompt token is prefilled
+        # (none fed as a decode), and prefix-cache hits are cut to a multiple of it; so a prompt
+        # is computed the same whether the budget splits it or not. Prompt chunks go whole or not
+        # at all, so the budget must hold one.
+        if max_prefill_tokens < chunk_align or max_prompt_logprob_rows < chunk_align:
+            raise ValueError(f"a prefill budget of {max_prefill_tokens} tokens cannot hold one {chunk_align}-token chunk")
+        self.chunk_align = chunk_align
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         # Scoring prompt tokens keeps a full logits row per position (vocabulary x 4 bytes, 0.5 MB
@@ -66,17 +74,21 @@ class Scheduler:
 
         def chunk(seq: Sequence, budget: int) -> int:
             want = min(seq.num_uncomputed, budget)
-            return min(want, rows) if seq.params.prompt_logprobs else want
+            want = min(want, rows) if seq.params.prompt_logprobs else want
+            if want < seq.num_uncomputed:  # a chunk that does not end the prompt ends aligned
+                want -= (seq.num_computed + want) % self.chunk_align
+            return want
         # Running sequences, oldest first: decodes always run; unfinished prefills take chunks.
         for seq in list(self.running):
             if seq not in self.running:  # preempted by an older sequence in this loop
                 continue
-            want = 1 if seq.num_uncomputed == 1 else chunk(seq, budget)
+            decode = seq.num_uncomputed == 1 and (self.chunk_align == 1 or bool(seq.output_ids))
+            want = 1 if decode else chunk(seq, budget)
             if want == 0:
                 continue
             if not self._reserve(seq, want, batch):
                 continue
-            if seq.num_uncomputed == 1:
+            if decode:
                 batch.decodes.append(seq)
             else:
                 batch.prefills.append((seq, want))
@@ -118,6 +130,10 @@ class Scheduler:
         usable = (seq.num_tokens - 1) // bs
         seq.block_keys = block_keys(seq.all_ids, bs, usable * bs, seq.block_keys, seq.cache_root)
         seq.block_table = alloc.match(seq.block_keys[:usable])
+        keep = len(seq.block_table) - len(seq.block_table) * bs % self.chunk_align // bs
+        if keep < len(seq.block_table):  # BATCH_INVARIANT: the prompt resumes on a chunk boundary
+            alloc.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
         seq.num_registered = len(seq.block_table)  # already in the cache
         seq.num_computed = seq.num_registered * bs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import queue
 import time
+from functools import cached_property
 
 import torch
 
@@ -47,12 +48,13 @@ class Sequence:
         self.detokenizer = detokenizer  # sagellm.engine.detokenizer.make_detokenizer
         self.stop_matcher = StopMatcher(params.stop)
         self.events: queue.SimpleQueue[TokenEvent | None] = queue.SimpleQueue()
-        self.generator: torch.Generator | None = None
-        if params.do_sample:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(params.seed if params.seed is not None else 0)
         # Constrained decoding state (sagellm.engine.constraint.Matcher), one per sequence.
         self.matcher = params.grammar.matcher() if params.grammar is not None else None
+
+    @cached_property
+    def unique_prompt_ids(self) -> torch.Tensor:
+        """The prompt's distinct token ids (int32), for the repetition penalty; made once."""
+        return torch.unique(torch.tensor(self.prompt_ids, dtype=torch.int32))
 
     @property
     def all_ids(self) -> list[int]:

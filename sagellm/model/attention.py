@@ -50,6 +50,10 @@ class StepMetadata:
     probe: object = None  # sagellm.model.probe.Probe during the start-up check: records every call
     # Masks derived per sliding window, built by the first layer that needs them, reused by the rest.
     window_masks: dict = field(default_factory=dict)
+    # BATCH_INVARIANT: every prefill chunk (its start a multiple of QUERY_BLOCK, sagellm.engine.scheduler)
+    # takes the blocked path over contiguous keys, so a query's arithmetic is the same however its
+    # prompt was split into chunks.
+    batch_invariant: bool = False
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -83,10 +87,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         lo = max(0, ctx + 1 - window) if window else 0
         if ctx == 0:
             k, v = key[:, :, sl], value[:, :, sl]  # [1, KVH, t, D]
+            if meta.batch_invariant:  # laid out as the keys gathered from the cache are
+                k, v = k.to(k_cache.dtype).contiguous(), v.to(v_cache.dtype).contiguous()
         else:
             k = k_cache[:, chunk.slots[lo:]].unsqueeze(0)  # [1, KVH, ctx - lo + t, D]
             v = v_cache[:, chunk.slots[lo:]].unsqueeze(0)
-        if chunk.q_len >= BLOCKED_PREFILL_MIN_TOKENS or softcap or s_aux is not None:  # SDPA has neither
+        if (chunk.q_len >= BLOCKED_PREFILL_MIN_TOKENS or softcap or s_aux is not None  # SDPA has neither
+                or meta.batch_invariant):
             o = _blocked_prefill_attention(q[0], k[0], v[0], ctx - lo, scaling, meta.kernels, window, softcap, s_aux)
             outputs.append(o.transpose(0, 1))
             continue
@@ -114,7 +121,7 @@ def _prefill_window_mask(meta: StepMetadata, i: int, chunk: PrefillChunk, lo: in
 
 # Prefill chunks of at least this many tokens use _blocked_prefill_attention; shorter ones SDPA.
 BLOCKED_PREFILL_MIN_TOKENS = 64
-_QUERY_BLOCK = 64
+QUERY_BLOCK = 64
 
 
 def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling, kernels=None, window: int = 0,
@@ -134,8 +141,8 @@ def _blocked_prefill_attention(q, k, v, ctx_len: int, scaling, kernels=None, win
     scale = scaling if scaling is not None else head_dim ** -0.5
     qg = q.view(num_kv, group, t, head_dim)  # heads h = kv * group + g
     outs = []
-    for s in range(0, t, _QUERY_BLOCK):
-        e = min(t, s + _QUERY_BLOCK)
+    for s in range(0, t, QUERY_BLOCK):
+        e = min(t, s + QUERY_BLOCK)
         lo = max(0, ctx_len + s + 1 - window) if window else 0  # the first key the block's first query sees
         n, keys = e - s, ctx_len + e - lo
         qs = qg[:, :, s:e].reshape(num_kv, group * n, head_dim)

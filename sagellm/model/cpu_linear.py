@@ -16,15 +16,29 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """x [M, K] with zero rows appended up to a multiple of `tile` (BATCH_INVARIANT). Measured on
+    this machine (bf16, oneDNN): a row's result changes with M for K = 1536 (M = 1 vs 7+) and
+    K >= 2048 (M = 1 vs 2+), never once M is a multiple of 8 (M up to 300, every layer shape of
+    SmolLM2 and 2048 x 8192)."""
+    extra = -x.shape[0] % tile
+    return x if not extra else torch.cat([x, x.new_zeros(extra, x.shape[1])])
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_tile: int = 1):
         super().__init__()
+        self.row_tile = row_tile  # > 1: rows padded to a multiple of it (batch invariance)
         self.out_features, self.in_features = weight.shape
         # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tile > 1 and x.dim() == 2:
+            m = x.shape[0]
+            return torch.ops.mkldnn._linear_pointwise(pad_rows(x, self.row_tile), self.packed, self.bias,
+                                                      "none", [], "")[:m]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -33,7 +47,7 @@ def available(dtype: torch.dtype) -> bool:
         torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, row_tile: int = 1) -> int:
     """Swap every bf16 nn.Linear for a PackedLinear; returns how many were swapped."""
     swaps = []
     for parent in model.modules():
@@ -41,5 +55,5 @@ def pack_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias))
+        setattr(parent, name, PackedLinear(child.weight, child.bias, row_tile))
     return len(swaps)

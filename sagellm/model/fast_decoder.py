@@ -36,22 +36,29 @@ def eligible(model: nn.Module) -> bool:
 
 
 class _PlainLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, row_tile: int = 1):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.row_tile = weight, bias, row_tile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tile > 1:
+            return F.linear(cpu_linear.pad_rows(x, self.row_tile), self.weight, self.bias)[:x.shape[0]]
         return F.linear(x, self.weight, self.bias)
 
 
-def _Linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU."""
+def _Linear(weight: torch.Tensor, bias: torch.Tensor | None, row_tile: int = 1) -> nn.Module:
+    """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU; row_tile > 1: rows padded to a
+    multiple of it (batch invariance)."""
     if weight.device.type == "cpu" and cpu_linear.available(weight.dtype):
-        return cpu_linear.PackedLinear(weight, bias)
-    return _PlainLinear(weight, bias)
+        return cpu_linear.PackedLinear(weight, bias, row_tile)
+    return _PlainLinear(weight, bias, row_tile)
 
 
-def _fuse(*linears: nn.Linear) -> nn.Module:
+def _detached(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+
+
+def _fuse(*linears: nn.Linear, row_tile: int = 1) -> nn.Module:
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
     biases = [lin.bias for lin in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
@@ -59,7 +66,7 @@ def _fuse(*linears: nn.Linear) -> nn.Module:
          for b, lin in zip(biases, linears)])
     for lin in linears:  # the fused copy replaces them; free the originals
         lin.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
-    return _Linear(weight, bias)
+    return _Linear(weight, bias, row_tile)
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -75,16 +82,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, config, attention_arguments: dict):
+    def __init__(self, layer: nn.Module, config, attention_arguments: dict, row_tile: int):
         attn, mlp = layer.self_attn, layer.mlp
         self.head_dim = attn.head_dim
         self.q_size = config.num_attention_heads * self.head_dim
         self.kv_size = config.num_key_value_heads * self.head_dim
-        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o = _Linear(attn.o_proj.weight.detach(), None if attn.o_proj.bias is None else attn.o_proj.bias.detach())
-        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
-        self.down = _Linear(mlp.down_proj.weight.detach(),
-                            None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach())
+        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj, row_tile=row_tile)
+        self.o = _Linear(*_detached(attn.o_proj), row_tile)
+        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj, row_tile=row_tile)
+        self.down = _Linear(*_detached(mlp.down_proj), row_tile)
         self.intermediate = mlp.down_proj.in_features
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.attn_module = SimpleNamespace(layer_idx=attn.layer_idx)
@@ -93,16 +99,23 @@ class _Layer:
 
 
 class FastDecoder:
-    def __init__(self, model: nn.Module, kernels, layer_attention: list[dict]):
+    def __init__(self, model: nn.Module, kernels, layer_attention: list[dict], batch_invariant: bool = False):
         """kernels: torch.ops.sagellm (sagellm.model.cpu_kernels) for the fused residual add and
         RMSNorm, SwiGLU, and rotary embedding with the KV cache write; None: torch's operators.
         layer_attention: per layer, the attention arguments transformers' module passes
-        (sagellm.model.probe.check)."""
+        (sagellm.model.probe.check). batch_invariant: every row computed the same whatever else is
+        in the step (matmul rows padded to 8, rotary angles from one table)."""
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
-        head = model.lm_head
-        self.lm_head = _Linear(head.weight.detach(), None if head.bias is None else head.bias.detach())
-        self.layers = [_Layer(layer, model.config, args) for layer, args in zip(inner.layers, layer_attention, strict=True)]
+        row_tile = 8 if batch_invariant else 1
+        self.lm_head = _Linear(*_detached(model.lm_head), row_tile)
+        self.layers = [_Layer(layer, model.config, args, row_tile)
+                       for layer, args in zip(inner.layers, layer_attention, strict=True)]
+        # Rotary cos/sin of positions 0 .. max_position_embeddings - 1, computed once: computed per
+        # step, a position's angle goes through a vector lane or the scalar tail of cos/sin
+        # depending on how many tokens the step holds.
+        self.batch_invariant = batch_invariant
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         fits = model.config.hidden_size % 16 == 0 and model.config.intermediate_size % 16 == 0
         self.kernels = kernels if fits else None
 
@@ -122,6 +135,16 @@ class FastDecoder:
             return self.kernels.silu_mul(gu)
         return F.silu(gu[:, :intermediate]) * gu[:, intermediate:]
 
+    def _rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [T, hidden]; position_ids: [1, T] -> cos, sin [1, T, D] in h's dtype."""
+        if not self.batch_invariant:
+            return self.rotary(h[None], position_ids)
+        if self._rope_table is None:
+            n = self.rotary.config.max_position_embeddings
+            self._rope_table = self.rotary(h[None, :1], torch.arange(n, device=h.device)[None])
+        cos, sin = self._rope_table
+        return cos.index_select(1, position_ids[0]), sin.index_select(1, position_ids[0])
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
                  attention, meta, lora=None) -> torch.Tensor:
@@ -129,7 +152,7 @@ class FastDecoder:
         lora: the step's sagellm.model.lora_step.LoraBatch (adapters' rows), or None."""
 
         h = self.embed(input_ids)[0]  # [T, hidden]
-        cos, sin = self.rotary(h[None], position_ids)  # [1, T, D]
+        cos, sin = self._rotary(h, position_ids)  # [1, T, D]
         t = h.shape[0]
         cos2, sin2 = cos[0], sin[0]  # [T, D]
         cos, sin = cos2[:, None], sin2[:, None]  # [T, 1, D]: q and k heads rotate together

@@ -19,6 +19,9 @@ class ModelForward:
     # With LoRA serving on and transformers' forward: where the wrapped projections find the step's
     # adapters (sagellm.model.lora_step). The lean decoder takes them as an argument instead.
     lora_slot: object | None = None
+    # BATCH_INVARIANT: each row's arithmetic independent of the rest of the step (matmul row tiles,
+    # one rotary table, one prefill attention path); the scheduler aligns prompt chunks to match.
+    batch_invariant: bool = False
 
     @property
     def config(self):

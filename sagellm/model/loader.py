@@ -104,9 +104,15 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1, l
     layer_attention = probe.check(model, kernels, device, tp_size)  # every rank, together (collectives)
     if not tp:
         if fast_decoder.eligible(model):
-            fast = fast_decoder.FastDecoder(model, kernels, layer_attention)
+            fast = fast_decoder.FastDecoder(model, kernels, layer_attention, settings.batch_invariant)
         elif device == "cpu" and cpu_linear.available(model.dtype):
-            cpu_linear.pack_linears(model)
+            cpu_linear.pack_linears(model, 8 if settings.batch_invariant else 1)
+    if settings.batch_invariant and (fast is None or kernels is None):
+        # Checked (tests/engine/test_batch_invariance.py) only with the lean decoder and the CPU
+        # kernels: elsewhere the rotary angles, the decode attention's padding or the all-reduce
+        # may still depend on the batch.
+        log.warning("BATCH_INVARIANT=true: only the lean decoder on one rank with CPU kernels is batch "
+                    "invariant; this model's greedy answers may still depend on the batch")
     slot = None
     if lora:
         if lora_mod.decoder_layers(model) is None:
@@ -114,7 +120,7 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1, l
         if fast is None:  # the lean decoder applies them itself
             slot = lora_step.LoraSlot()
             lora_step.wrap_linears(model, slot)
-    return ModelForward(model, kernels, fast, slot)
+    return ModelForward(model, kernels, fast, slot, settings.batch_invariant)
 
 
 def open_model(settings: Settings) -> ModelFiles:

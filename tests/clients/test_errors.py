@@ -114,6 +114,8 @@ OUT_OF_RANGE = [
     ("/v1/chat/completions", "openai", {"messages": CHAT, "top_p": 1.5}, "top_p", ["1.0"]),
     ("/generate", "tgi", {"inputs": "Hello", "parameters": {"temperature": -1}}, "temperature", ["0"]),
     ("/v1/chat/completions", "openai", {"messages": CHAT, "temperature": -1}, "temperature", ["0"]),
+    ("/generate", "tgi", {"inputs": "Hello", "parameters": {"min_p": 1.5}}, "min_p", ["1.0"]),
+    ("/v1/chat/completions", "openai", {"messages": CHAT, "min_p": -0.1}, "min_p", ["0.0"]),
     ("/generate", "tgi", {"inputs": "Hello", "parameters": {"frequency_penalty": 3}}, "frequency_penalty",
      ["2.0"]),
     ("/v1/chat/completions", "openai", {"messages": CHAT, "frequency_penalty": 3}, "frequency_penalty",
@@ -142,6 +144,18 @@ def test_out_of_range_is_422(server, info, path, flavor, body, field, words):
         assert w in msg, f"{w!r} (the limit) missing from {msg!r}"
     if flavor == "openai":
         assert r.json()["error"]["param"] == field, r.text
+    ping_ok(server.url)
+
+
+@pytest.mark.parametrize("path,flavor,body,field", [
+    ("/v1/chat/completions", "openai", {"messages": CHAT, "temperature": float("nan")}, "temperature"),
+    ("/generate", "tgi", {"inputs": "Hello", "parameters": {"repetition_penalty": float("nan")}}, "repetition_penalty"),
+])
+def test_nan_is_422(server, path, flavor, body, field):
+    """Python's JSON parser takes NaN; a NaN temperature would leave a row nothing to sample."""
+    r = requests.post(server.url + path, data=json.dumps(body), timeout=TIMEOUT,
+                      headers={"Content-Type": "application/json"})
+    assert field in error_message(r, 422, flavor)
     ping_ok(server.url)
 
 

@@ -167,6 +167,37 @@ def test_same_seed_same_output(chat_ids, loaded_model, engine):
     assert len(others) > 1  # different seeds explore different continuations
 
 
+def test_seeded_sample_is_the_same_alone_and_in_a_batch(chat_ids, loaded_model, engine):
+    """The draw is keyed by (seed, token index, token id), not by the batch: the same seeded
+    request alone, and among 15 other requests of every kind (different prompts, greedy, penalties,
+    other seeds, logprobs), gives the same tokens."""
+    mine = [(chat_ids(q), SamplingParams(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.95,
+                                         seed=77 + i, ignore_eos=True)) for i, q in enumerate(QUESTIONS[:3])]
+    alone = [token_ids(engine.submit(ids, p)) for ids, p in mine]
+    kinds = [dict(), dict(do_sample=True, top_k=20, seed=5), dict(repetition_penalty=1.3, top_n_tokens=3),
+             dict(do_sample=True, min_p=0.1, typical_p=0.9, frequency_penalty=0.5), dict(do_sample=True, temperature=1.4)]
+    others = [(chat_ids(QUESTIONS[3 + i % 3] + " " * (i // 3)), SamplingParams(max_new_tokens=24 + i, **kinds[i % 5]))
+              for i in range(13)]
+    batch = others[:5] + mine + others[5:]
+    handles = [engine.submit(ids, p) for ids, p in batch]
+    together = [token_ids(h) for h in handles]
+    assert together[5:8] == alone
+
+
+def test_a_request_whose_row_cannot_be_sampled_fails_alone(chat_ids, loaded_model, engine):
+    """A NaN temperature (the API refuses it; the engine must not trust that) leaves its row nothing
+    to draw: that request ends with an error, the ones sharing its steps finish."""
+    ids = chat_ids(QUESTIONS[0])
+    bad = engine.submit(ids, SamplingParams(max_new_tokens=12, do_sample=True, temperature=float("nan")))
+    good = [engine.submit(ids, greedy(12, ignore_eos=True)),
+            engine.submit(ids, SamplingParams(max_new_tokens=12, do_sample=True, seed=3, ignore_eos=True))]
+    events = list(bad)
+    assert events[-1].finish_reason == FinishReason.ERROR and "no token could be sampled" in events[-1].error
+    for h in good:
+        events = list(h)
+        assert len(events) == 12 and events[-1].finish_reason == FinishReason.LENGTH
+
+
 def test_min_tokens_and_ignore_eos_give_exact_lengths(chat_ids, loaded_model, engine):
     ids = chat_ids(QUESTIONS[0])
     events = list(engine.submit(ids, greedy(40, min_new_tokens=40)))
@@ -286,11 +317,12 @@ def test_chunked_prompt_logprobs_equal_unchunked(chat_ids, loaded_model, referen
 def test_scored_prompts_prefill_in_bounded_chunks(chat_ids, loaded_model):
     """Prompt logprobs keep a logits row per prompt token: the scheduler caps those rows per step
     (max_prompt_logprob_rows) even when the prefill budget would take the whole prompt, while an
-    unscored prompt in the same steps still prefills at once."""
+    unscored prompt in the same steps still prefills at once. Without the prefix cache: the plain
+    prompt would otherwise start from whatever blocks the scored one has finished by then."""
     ids = chat_ids(" ".join(QUESTIONS) * 2)
     engine = LLMEngine(loaded_model.model, loaded_model.tokenizer,
                        EngineConfig(max_batch_size=8, max_prefill_tokens=4096, max_total_tokens=2048,
-                                    num_kv_blocks=256), loaded_model.eos_token_ids)
+                                    num_kv_blocks=256, prefix_caching=False), loaded_model.eos_token_ids)
     engine.scheduler.max_prompt_logprob_rows = 32
     chunks = []
     real_schedule = engine.scheduler.schedule

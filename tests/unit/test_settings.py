@@ -28,6 +28,7 @@ SAMPLES = {
     "max_batch_size": ("8", 8),
     "prefix_caching": ("false", False),
     "cpu_kernels": ("0", False),
+    "batch_invariant": ("true", True),
     "max_concurrent_requests": ("32", 32),
     "max_stop_sequences": ("0", 0),
     "max_top_n_tokens": ("5", 5),
