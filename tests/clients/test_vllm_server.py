@@ -124,10 +124,14 @@ def test_what_vllm_cannot_do_is_a_422_naming_field_and_engine(vllm_server):
 
 
 def test_metrics_carry_the_engine_gauges(vllm_server):
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+    assert requests.post(vllm_server.url + "/generate", json=body, timeout=120).status_code == 200
     text = requests.get(vllm_server.url + "/metrics", timeout=30).text
     for name in ("tgi_queue_size", "tgi_batch_current_size", "sagellm_engine_steps",
-                 "sagellm_prefix_cache_query_tokens", "tgi_request_success_total"):
+                 "sagellm_prefix_cache_query_tokens", "tgi_request_success"):
         assert f"\n{name} " in text
+    for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:e2e_request_latency_seconds_count"):
+        assert f"\n{name}{{" in text  # vLLM's names carry the model_name label
     steps = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("sagellm_engine_steps "))
     assert steps > 0
 
