@@ -84,6 +84,7 @@ def test_base_and_two_adapters_share_steps_and_equal_peft(setup):
 
     class Spy:
         kernels = inner.kernels
+        batch_invariant = inner.batch_invariant
 
         def __call__(self, *args):
             steps.append((args[0].shape[1], args[4]))  # (tokens T, the step's LoraBatch)
