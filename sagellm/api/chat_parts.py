@@ -9,10 +9,11 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from sagellm.api.choices import finish_reason
+from sagellm.api.choices import finish_reason, interleave
 from sagellm.api.error_shapes import generation_failed, stream_failure
 from sagellm.api.protocol import ChatCompletionRequest
 from sagellm.api.protocol_openai import LogprobEntry, ToolCallDelta, TopLogprob
+from sagellm.api.responses import SSE_HEADERS, SSE_KEEPALIVE, StreamResponse, named_sse
 from sagellm.api.submit import nth_params
 from sagellm.api.tools import CallStreamer, ToolPlan, parse_calls
 from sagellm.engine.client import RequestStream
@@ -67,6 +68,27 @@ def failed_part(exc: Exception) -> ErrorPart:
     the kind of failure (an exception's text may hold internals)."""
     logging.getLogger("sagellm").error("generation failed mid-stream", exc_info=exc)
     return ErrorPart(stream_failure(exc))
+
+
+def drive(run: Callable[[Iterator[Part]], Iterator], parts: Iterator[Part], stream: bool,
+          finish: Callable[[], None]) -> StreamResponse | None:
+    """A Responses or Anthropic builder's `run` over one choice's parts: streamed as named
+    server-sent events (returned; a keep-alive while the engine is quiet), or read to the end here
+    (None). `finish` runs once either way, when the parts are done with."""
+    if stream:
+        def events():
+            try:
+                for event in run(part for _, part in interleave([parts], failed_part)):
+                    yield SSE_KEEPALIVE if event is None else named_sse(event)
+            finally:
+                finish()
+        return StreamResponse(events(), dict(SSE_HEADERS))
+    try:
+        for _ in run(parts):
+            pass
+    finally:
+        finish()
+    return None
 
 
 def _logprob_entry(ev: TokenEvent) -> LogprobEntry:

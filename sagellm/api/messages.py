@@ -13,8 +13,7 @@ from pydantic import MISSING, BaseModel
 
 from sagellm.api.anthropic_input import chat_body, refuse_unsupported, renamed
 from sagellm.api.chat import prepare_chat
-from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, failed_part
-from sagellm.api.choices import interleave
+from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, drive
 from sagellm.api.context import ServingContext
 from sagellm.api.error_shapes import error_body
 from sagellm.api.parse import parse
@@ -23,7 +22,7 @@ from sagellm.api.protocol_anthropic import (AnthropicMessage, AnthropicUsage, Co
                                             InputJsonDelta, MessageDeltaBody, MessageDeltaEvent, MessagesRequest,
                                             MessageStartEvent, MessageStopEvent, TextBlock, TextDelta, TokenCount,
                                             ToolUseBlock, ToolUseStart)
-from sagellm.api.responses import SSE_HEADERS, SSE_KEEPALIVE, JsonResponse, StreamResponse, named_sse
+from sagellm.api.responses import JsonResponse, StreamResponse
 from sagellm.api.submit import submit_n
 from sagellm.errors import BadRequest, SagellmError
 
@@ -134,19 +133,9 @@ def create(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
         parts.close()
         stream.abort()  # a no-op once it finished; a client gone mid-stream stops it now
 
-    if req.stream:
-        def events():
-            try:
-                for event in builder.run(part for _, part in interleave([parts], failed_part)):
-                    yield SSE_KEEPALIVE if event is None else named_sse(event)
-            finally:
-                finish()
-        return StreamResponse(events(), dict(SSE_HEADERS))
-    try:
-        for _ in builder.run(parts):
-            pass
-    finally:
-        finish()
+    streamed = drive(builder.run, parts, bool(req.stream), finish)
+    if streamed is not None:
+        return streamed
     if builder.failure is not None:
         raise builder.failure
     # A call cut short by max_tokens has no input to give; the text block after it holds what was written.

@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from pydantic import MISSING, BaseModel
 
 from sagellm.api.chat import prepare_chat
-from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, failed_part
-from sagellm.api.choices import interleave
+from sagellm.api.chat_parts import CallsPart, EndPart, ErrorPart, TextPart, choice_parts, drive
 from sagellm.api.context import ServingContext
 from sagellm.api.parse import parse
 from sagellm.api.protocol_responses import (ArgumentsDeltaEvent, ArgumentsDoneEvent, ContentPartEvent,
@@ -21,7 +20,7 @@ from sagellm.api.protocol_responses import (ArgumentsDeltaEvent, ArgumentsDoneEv
                                             OutputMessage, OutputText, ResponseErrorInfo, ResponseLifecycleEvent,
                                             ResponseObject, ResponsesRequest, ResponseUsage, StreamErrorEvent,
                                             TextDeltaEvent, TextDoneEvent)
-from sagellm.api.responses import SSE_HEADERS, SSE_KEEPALIVE, JsonResponse, StreamResponse, named_sse
+from sagellm.api.responses import JsonResponse, StreamResponse
 from sagellm.api.responses_input import chat_body, conversation, refuse_unsupported, renamed
 from sagellm.api.submit import submit_n
 from sagellm.errors import BadRequest, NotFound, SagellmError
@@ -155,19 +154,9 @@ def create(ctx: ServingContext, body) -> JsonResponse | StreamResponse:
         if resp.store and resp.status in ("completed", "incomplete"):
             ctx.store.put(resp, messages)
 
-    if req.stream:
-        def events():
-            try:
-                for event in builder.run(part for _, part in interleave([parts], failed_part)):
-                    yield SSE_KEEPALIVE if event is None else named_sse(event)
-            finally:
-                finish()
-        return StreamResponse(events(), dict(SSE_HEADERS))
-    try:
-        for _ in builder.run(parts):
-            pass
-    finally:
-        finish()
+    streamed = drive(builder.run, parts, bool(req.stream), finish)
+    if streamed is not None:
+        return streamed
     if resp.status == "failed":
         raise builder.failure
     return JsonResponse(resp)
