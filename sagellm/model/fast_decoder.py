@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sagellm.model import cpu_linear
+from sagellm.model import cpu_linear, lora_stack
 
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -118,6 +118,11 @@ class FastDecoder:
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         fits = model.config.hidden_size % 16 == 0 and model.config.intermediate_size % 16 == 0
         self.kernels = kernels if fits else None
+        first = self.layers[0]
+        hidden = model.config.hidden_size
+        # LoRA adapters stacked per fused projection (sagellm.model.lora_stack), by set of adapters.
+        self.lora_stacks = lora_stack.LoraStacks(len(self.layers), (
+            (first.q_size, first.kv_size, first.kv_size), (hidden,), (first.intermediate,) * 2, (hidden,)))
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +157,8 @@ class FastDecoder:
         lora: the step's sagellm.model.lora_step.LoraBatch (adapters' rows), or None."""
 
         h = self.embed(input_ids)[0]  # [T, hidden]
+        if lora is not None:  # the step's adapters stacked, per row (lora_stack.StackedLora)
+            lora = self.lora_stacks.for_step(lora, h.shape[0], h.dtype)
         cos, sin = self._rotary(h, position_ids)  # [1, T, D]
         t = h.shape[0]
         cos2, sin2 = cos[0], sin[0]  # [T, D]
@@ -164,10 +171,7 @@ class FastDecoder:
             qkv = layer.qkv(x)  # [T, q + 2 kv]
             d, heads = layer.head_dim, layer.q_size // layer.head_dim
             if lora is not None:  # before the rotation: the adapters change q, k and v themselves
-                q_end, k_end = layer.q_size, layer.q_size + layer.kv_size
-                lora.add(qkv[:, :q_end], x, layer.index, "self_attn.q_proj")
-                lora.add(qkv[:, q_end:k_end], x, layer.index, "self_attn.k_proj")
-                lora.add(qkv[:, k_end:], x, layer.index, "self_attn.v_proj")
+                qkv = lora.apply(qkv, x, layer.index, lora_stack.QKV)
             if rope_kernel:  # rotated and the new k/v stored in the cache in one operator
                 idx = layer.attn_module.layer_idx
                 qk = self.kernels.rope_write_kv(qkv, cos2, sin2, meta.slot_mapping, meta.cache.keys[idx],
@@ -182,15 +186,14 @@ class FastDecoder:
             o = o.reshape(t, -1)
             out = layer.o(o)
             if lora is not None:
-                lora.add(out, o, layer.index, "self_attn.o_proj")
+                out = lora.apply(out, o, layer.index, lora_stack.O)
             x, h = self._add_norm(h, out, layer.post_norm)
             gu = layer.gate_up(x)  # [T, 2 intermediate]
             if lora is not None:
-                lora.add(gu[:, :layer.intermediate], x, layer.index, "mlp.gate_proj")
-                lora.add(gu[:, layer.intermediate:], x, layer.index, "mlp.up_proj")
+                gu = lora.apply(gu, x, layer.index, lora_stack.GATE_UP)
             act = self._swiglu(gu, layer.intermediate)
             delta = layer.down(act)
             if lora is not None:
-                lora.add(delta, act, layer.index, "mlp.down_proj")
+                delta = lora.apply(delta, act, layer.index, lora_stack.DOWN)
         h = (h + delta).index_select(0, keep)
         return self.lm_head(self._add_norm(h, None, self.norm)[0])

@@ -2,11 +2,11 @@
 base model share the forward pass, and each projection an adapter targets gains x @ A @ B on that
 adapter's rows only.
 
-Grouped by adapter rather than gathering an A and a B per row (torch.bmm over [T, r, in]): a step
-holds few adapters, and a 512-token prefill chunk would gather 512 copies of B ([512, r, 1536]
-for SmolLM2's MLP, 50 MB in fp32) where grouping does one [n, in] @ [in, r] @ [r, out] per
-adapter present. The lean decoder (sagellm.model.fast_decoder) calls LoraBatch.add on its fused
-outputs; transformers' modules get LoraLinear around each decoder-layer projection.
+Here, for transformers' modules (families the lean decoder does not take): LoraLinear around each
+decoder-layer projection adds each adapter's x[rows] @ A @ B to its rows, one adapter at a time.
+The lean decoder (sagellm.model.fast_decoder) takes the same LoraBatch but applies it stacked
+(sagellm.model.lora_stack: two operators per fused projection for every adapter at once), as
+this per-adapter loop was measured at 0.18x the base model's throughput with 4 adapters.
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""The lean decoder's stacked LoRA (sagellm.model.lora_stack) adds, to each fused projection, what
+applying every adapter to its own rows one projection at a time adds (lora_step.LoraBatch.add,
+the path transformers' modules take): adapters of different ranks and targets, base-model rows
+between them, in float32 (plain matmuls) and bfloat16 (oneDNN-packed with fused post-ops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagellm.model import lora_stack
+from sagellm.model.lora import LoraWeights
+from sagellm.model.lora_step import LoraBatch, LoraGroup
+
+HIDDEN, Q, KV, INTER, LAYERS = 64, 64, 16, 96, 2
+OUTS = ((Q, KV, KV), (HIDDEN,), (INTER, INTER), (HIDDEN,))
+SIZES = {"self_attn.q_proj": (HIDDEN, Q), "self_attn.k_proj": (HIDDEN, KV), "self_attn.v_proj": (HIDDEN, KV),
+         "self_attn.o_proj": (Q, HIDDEN), "mlp.gate_proj": (HIDDEN, INTER), "mlp.up_proj": (HIDDEN, INTER),
+         "mlp.down_proj": (INTER, HIDDEN)}
+
+
+def weights(name: str, rank: int, targets: list[str], layers: list[int], seed: int, dtype) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for layer in layers:
+        for proj in targets:
+            d_in, d_out = SIZES[proj]
+            modules[(layer, proj)] = (torch.randn(d_in, rank, generator=gen).to(dtype),
+                                      torch.randn(rank, d_out, generator=gen).to(dtype))
+    return LoraWeights(name, "/nowhere", rank, modules)
+
+
+def in_fp32(w: LoraWeights) -> LoraWeights:
+    return LoraWeights(w.name, w.path, w.rank, {k: (a.float(), b.float()) for k, (a, b) in w.modules.items()}, w.uid)
+
+
+def grouped(batch: LoraBatch, y: torch.Tensor, x: torch.Tensor, layer: int, group: int) -> torch.Tensor:
+    """The reference: each part of the fused output gets its projection's adapters, one by one."""
+    y = y.clone()
+    start = 0
+    for part, width in zip(lora_stack.GROUPS[group], OUTS[group]):
+        batch.add(y[:, start:start + width], x, layer, part)
+        start += width
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_equals_each_adapter_on_its_rows(dtype):
+    adapters = [weights("attn", 4, ["self_attn.q_proj", "self_attn.v_proj"], [0, 1], 1, dtype),
+                weights("all", 16, list(SIZES), [0, 1], 2, dtype),
+                weights("mlp-layer1", 8, ["mlp.gate_proj", "mlp.down_proj"], [1], 3, dtype)]
+    t = 11  # rows 0, 5 and 10 are the base model's
+    rows = [[1, 4], [2, 3, 6, 7, 8], [9]]
+    batch = LoraBatch([LoraGroup(w, torch.tensor(r)) for w, r in zip(adapters, rows)])
+    reference = LoraBatch([LoraGroup(in_fp32(g.weights), g.rows) for g in batch.groups])
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS)
+    step = stacks.for_step(batch, t, dtype)
+    gen = torch.Generator().manual_seed(0)
+    applied = 0
+    for layer in range(LAYERS):
+        for g, outs in enumerate(OUTS):
+            d_in = SIZES[lora_stack.GROUPS[g][0]][0]
+            x = torch.randn(t, d_in, generator=gen).to(dtype)
+            y = torch.randn(t, sum(outs), generator=gen).to(dtype)
+            want = grouped(reference, y.float(), x.float(), layer, g)
+            got = step.apply(y, x, layer, g)
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+            else:  # the reference in fp32 on the same bf16 inputs: within bf16 rounding of s and y
+                torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.6)
+            for base_row in (0, 5, 10):
+                assert torch.equal(got[base_row], y[base_row]), (layer, g)
+            applied += not torch.equal(got, y)
+    assert applied == LAYERS * len(OUTS)  # every (layer, group) has an adapter that targets it
+    # The same set of adapters in another order reuses the stack.
+    again = stacks.for_step(LoraBatch([LoraGroup(adapters[2], torch.tensor([0])),
+                                       LoraGroup(adapters[0], None)]), 1, dtype)
+    assert again.stack is not step.stack and len(stacks._cache) == 2
+    assert stacks.for_step(LoraBatch(list(reversed(batch.groups))), t, dtype).stack is step.stack
+
+
+def test_an_adapter_on_every_row():
+    w = weights("all", 4, list(SIZES), [0, 1], 5, torch.float32)
+    step = lora_stack.LoraStacks(LAYERS, OUTS).for_step(LoraBatch([LoraGroup(w, None)]), 3, torch.float32)
+    x, y = torch.randn(3, HIDDEN), torch.randn(3, Q + 2 * KV)
+    a_q, b_q = w.modules[(0, "self_attn.q_proj")]
+    got = step.apply(y, x, 0, lora_stack.QKV)
+    torch.testing.assert_close(got[:, :Q], y[:, :Q] + x @ a_q @ b_q)
