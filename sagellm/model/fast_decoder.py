@@ -122,7 +122,7 @@ class FastDecoder:
         hidden = model.config.hidden_size
         # LoRA adapters stacked per fused projection (sagellm.model.lora_stack), by set of adapters.
         self.lora_stacks = lora_stack.LoraStacks(len(self.layers), (
-            (first.q_size, first.kv_size, first.kv_size), (hidden,), (first.intermediate,) * 2, (hidden,)))
+            (first.q_size, first.kv_size, first.kv_size), (hidden,), (first.intermediate,) * 2, (hidden,)), self.kernels)
 
     def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,10 @@ mask product and the addition as fused post-ops (_linear_pointwise.binary): 2 ca
 The masked columns of other adapters cost compute (T x R instead of T x r per row), small while R
 is small next to the base weights' width.
 
+With the fused CPU kernels, torch.ops.sagellm.lora_add (csrc/lora.cpp) does both in one call, each
+row reading only its own adapter's columns and output ranges: measured in a served step, the
+oneDNN calls above cost 40-130 us each, mostly per-call overhead (docs/performance.md).
+
 A stack depends only on which adapters are in the step; LoraStacks keeps the last few built.
 """
 
@@ -58,19 +62,29 @@ class _Matrix:
         return torch.addmm(y, x, self.wt)
 
 
+class _Kernel:
+    """The same through torch.ops.sagellm.lora_add: a [R, in], b_rows [R, out] (B transposed),
+    col_out [R, 2]: the output range of each column."""
+
+    def __init__(self, kernels, a: torch.Tensor, big_b: torch.Tensor, col_out: list[tuple[int, int]]):
+        self.kernels, self.a, self.b = kernels, a.contiguous(), big_b.t().contiguous()
+        self.col_out = torch.tensor(col_out, dtype=torch.long)
+
+
 class LoraStack:
     """Adapters (a list of sagellm.model.lora.LoraWeights) stacked for every (layer, group)."""
 
-    def __init__(self, adapters: list, num_layers: int, group_outs: tuple[tuple[int, ...], ...]):
-        """group_outs[g]: the output width of each part of GROUPS[g] (q, k, v sizes...)."""
+    def __init__(self, adapters: list, num_layers: int, group_outs: tuple[tuple[int, ...], ...], kernels=None):
+        """group_outs[g]: the output width of each part of GROUPS[g] (q, k, v sizes...);
+        kernels: torch.ops.sagellm (lora_add), or None: oneDNN / torch matmuls."""
         self.uids = tuple(w.uid for w in adapters)
         layouts: dict[tuple[int, ...], int] = {}  # column owners (adapter index per column) -> id
-        self.entries: dict[tuple[int, int], tuple[_Matrix, _Matrix, int]] = {}
+        self.entries: dict[tuple[int, int], tuple[object, object, int]] = {}
         for layer in range(num_layers):
             for g, parts in enumerate(GROUPS):
                 outs = group_outs[g]
                 starts = [sum(outs[:j]) for j in range(len(outs))]
-                a_cols, b_cols, owner = [], [], []
+                a_cols, b_cols, owner, col_out = [], [], [], []
                 for i, w in enumerate(adapters):
                     for j, part in enumerate(parts):
                         ab = w.modules.get((layer, part))
@@ -80,6 +94,7 @@ class LoraStack:
                         a_cols.append(a)
                         b_cols.append((starts[j], b))
                         owner += [i] * a.shape[1]
+                        col_out += [(starts[j], starts[j] + outs[j])] * a.shape[1]
                 if not a_cols:
                     continue
                 a = torch.cat(a_cols, dim=1).t()  # [R, in]
@@ -89,9 +104,20 @@ class LoraStack:
                     big_b[start:start + b.shape[1], col:col + b.shape[0]] = b.t()
                     col += b.shape[0]
                 layout = layouts.setdefault(tuple(owner), len(layouts))
-                self.entries[(layer, g)] = (_Matrix(a), _Matrix(big_b), layout)
+                if kernels is not None:
+                    self.entries[(layer, g)] = (_Kernel(kernels, a, big_b, col_out), None, layout)
+                else:
+                    self.entries[(layer, g)] = (_Matrix(a), _Matrix(big_b), layout)
         device = adapters[0].modules[next(iter(adapters[0].modules))][0].device
         self.owners = [torch.tensor(o, dtype=torch.long, device=device) for o in layouts]
+        # Per layout, each adapter's column range, row 0 for the base model (empty):
+        # ranges[l][i + 1] = (first, end) of adapter i's columns (they are contiguous).
+        self.ranges = []
+        for o in layouts:
+            spans = [(0, 0)] * (len(adapters) + 1)
+            for i in set(o):
+                spans[i + 1] = (o.index(i), len(o) - o[::-1].index(i))
+            self.ranges.append(torch.tensor(spans, dtype=torch.long, device=device))
 
 
 class StackedLora:
@@ -100,8 +126,11 @@ class StackedLora:
     def __init__(self, stack: LoraStack, row_adapter: torch.Tensor, dtype: torch.dtype):
         """row_adapter [T]: each row's index in the stack's adapters, -1 for the base model."""
         self.stack = stack
-        # One mask per distinct column layout (usually one per group), [T, R] in the model dtype.
-        self.masks = [(row_adapter[:, None] == owner[None, :]).to(dtype) for owner in stack.owners]
+        if stack.entries and isinstance(next(iter(stack.entries.values()))[0], _Kernel):
+            # Per distinct column layout, each row's column range [T, 2] (lora_add).
+            self.masks = [r.index_select(0, row_adapter + 1) for r in stack.ranges]
+        else:  # one mask per distinct column layout, [T, R] in the model dtype
+            self.masks = [(row_adapter[:, None] == owner[None, :]).to(dtype) for owner in stack.owners]
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: int) -> torch.Tensor:
         """y [T, out] (the fused projection's base output, contiguous), x [T, in] its input ->
@@ -110,14 +139,19 @@ class StackedLora:
         if entry is None:
             return y
         a, b, layout = entry
+        if b is None:  # the fused kernel, in place
+            return a.kernels.lora_add(y, x, a.a, a.b, self.masks[layout], a.col_out)
         return b.plus(a.times_mask(x, self.masks[layout]), y)
 
 
 class LoraStacks:
     """The last CACHED stacks built, by the set of adapters (their load uids)."""
 
-    def __init__(self, num_layers: int, group_outs: tuple[tuple[int, ...], ...]):
+    def __init__(self, num_layers: int, group_outs: tuple[tuple[int, ...], ...], kernels=None):
         self.num_layers, self.group_outs = num_layers, group_outs
+        # lora_add needs every width a multiple of 16 (whole AVX-512 registers)
+        fits = all(w % 16 == 0 for outs in group_outs for w in outs)
+        self.kernels = kernels if fits and kernels is not None and hasattr(kernels, "lora_add") else None
         self._cache: OrderedDict[tuple[int, ...], LoraStack] = OrderedDict()
 
     def for_step(self, lora, num_rows: int, dtype: torch.dtype) -> StackedLora:
@@ -126,7 +160,7 @@ class LoraStacks:
         key = tuple(g.weights.uid for g in groups)
         stack = self._cache.get(key)
         if stack is None:
-            stack = LoraStack([g.weights for g in groups], self.num_layers, self.group_outs)
+            stack = LoraStack([g.weights for g in groups], self.num_layers, self.group_outs, self.kernels)
             self._cache[key] = stack
             while len(self._cache) > CACHED:
                 self._cache.popitem(last=False)

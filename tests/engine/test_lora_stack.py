@@ -1,14 +1,15 @@
 """The lean decoder's stacked LoRA (sagellm.model.lora_stack) adds, to each fused projection, what
 applying every adapter to its own rows one projection at a time adds (lora_step.LoraBatch.add,
 the path transformers' modules take): adapters of different ranks and targets, base-model rows
-between them, in float32 (plain matmuls) and bfloat16 (oneDNN-packed with fused post-ops)."""
+between them, in float32 (plain matmuls) and bfloat16 (oneDNN-packed with fused post-ops), and
+through the fused kernel (torch.ops.sagellm.lora_add) in both."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sagellm.model import lora_stack
+from sagellm.model import cpu_kernels, lora_stack
 from sagellm.model.lora import LoraWeights
 from sagellm.model.lora_step import LoraBatch, LoraGroup
 
@@ -44,8 +45,16 @@ def grouped(batch: LoraBatch, y: torch.Tensor, x: torch.Tensor, layer: int, grou
     return y
 
 
+@pytest.fixture(scope="module")
+def kernels():
+    ops = cpu_kernels.load()
+    assert ops is not None and hasattr(ops, "lora_add"), "the fused CPU kernels did not build"
+    return ops
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stacked_equals_each_adapter_on_its_rows(dtype):
+def test_stacked_equals_each_adapter_on_its_rows(dtype, fused, request):
     adapters = [weights("attn", 4, ["self_attn.q_proj", "self_attn.v_proj"], [0, 1], 1, dtype),
                 weights("all", 16, list(SIZES), [0, 1], 2, dtype),
                 weights("mlp-layer1", 8, ["mlp.gate_proj", "mlp.down_proj"], [1], 3, dtype)]
@@ -53,7 +62,8 @@ def test_stacked_equals_each_adapter_on_its_rows(dtype):
     rows = [[1, 4], [2, 3, 6, 7, 8], [9]]
     batch = LoraBatch([LoraGroup(w, torch.tensor(r)) for w, r in zip(adapters, rows)])
     reference = LoraBatch([LoraGroup(in_fp32(g.weights), g.rows) for g in batch.groups])
-    stacks = lora_stack.LoraStacks(LAYERS, OUTS)
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, request.getfixturevalue("kernels") if fused else None)
+    assert (stacks.kernels is not None) == fused
     step = stacks.for_step(batch, t, dtype)
     gen = torch.Generator().manual_seed(0)
     applied = 0
@@ -63,7 +73,7 @@ def test_stacked_equals_each_adapter_on_its_rows(dtype):
             x = torch.randn(t, d_in, generator=gen).to(dtype)
             y = torch.randn(t, sum(outs), generator=gen).to(dtype)
             want = grouped(reference, y.float(), x.float(), layer, g)
-            got = step.apply(y, x, layer, g)
+            got = step.apply(y.clone(), x, layer, g)
             if dtype == torch.float32:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
             else:  # the reference in fp32 on the same bf16 inputs: within bf16 rounding of s and y
@@ -79,10 +89,12 @@ def test_stacked_equals_each_adapter_on_its_rows(dtype):
     assert stacks.for_step(LoraBatch(list(reversed(batch.groups))), t, dtype).stack is step.stack
 
 
-def test_an_adapter_on_every_row():
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "kernel"])
+def test_an_adapter_on_every_row(fused, request):
     w = weights("all", 4, list(SIZES), [0, 1], 5, torch.float32)
-    step = lora_stack.LoraStacks(LAYERS, OUTS).for_step(LoraBatch([LoraGroup(w, None)]), 3, torch.float32)
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, request.getfixturevalue("kernels") if fused else None)
+    step = stacks.for_step(LoraBatch([LoraGroup(w, None)]), 3, torch.float32)
     x, y = torch.randn(3, HIDDEN), torch.randn(3, Q + 2 * KV)
     a_q, b_q = w.modules[(0, "self_attn.q_proj")]
-    got = step.apply(y, x, 0, lora_stack.QKV)
+    got = step.apply(y.clone(), x, 0, lora_stack.QKV)
     torch.testing.assert_close(got[:, :Q], y[:, :Q] + x @ a_q @ b_q)
