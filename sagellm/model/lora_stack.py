@@ -139,8 +139,8 @@ class StackedLora:
         if entry is None:
             return y
         a, b, layout = entry
-        if b is None:  # the fused kernel, in place
-            return a.kernels.lora_add(y, x, a.a, a.b, self.masks[layout], a.col_out)
+        if b is None:  # the fused kernel, in place (it takes whole rows: contiguous, a no-op here)
+            return a.kernels.lora_add(y.contiguous(), x.contiguous(), a.a, a.b, self.masks[layout], a.col_out)
         return b.plus(a.times_mask(x, self.masks[layout]), y)
 
 

@@ -1,7 +1,8 @@
 """Multi-LoRA through the real server, fp32: greedy tokens of each adapter equal peft's merged
 model, chosen by TGI's adapter_id, SageMaker's header on /invocations and OpenAI's model field;
 rows of the base model and three adapters share steps; adapters load and unload at run time
-(requests in flight finish first) and swap in and out beyond MAX_LORAS."""
+(requests in flight finish first, also while other adapters stream) and swap in and out beyond
+MAX_LORAS."""
 
 from __future__ import annotations
 
@@ -182,6 +183,57 @@ def test_unloading_lets_requests_in_flight_finish(lora):
     assert unloaded["r"].status_code == 200, unloaded["r"].text
     assert unloaded["t"] >= ended - 0.5
     assert tokens == refs["delta-long"]
+
+
+def stream_ids(srv, body: dict) -> tuple[int, list[int]]:
+    """(status, token ids) of a /generate_stream request read to its end."""
+    with requests.post(srv.url + "/generate_stream", json={**body, "stream": True}, stream=True, timeout=TIMEOUT) as r:
+        if r.status_code != 200:
+            return r.status_code, []
+        return 200, [json.loads(line[5:])["token"]["id"] for line in r.iter_lines() if line.startswith(b"data:")]
+
+
+def test_load_and_unload_while_other_adapters_stream(lora):
+    """Streams on the base model, alpha and beta run without pause while delta is loaded, used and
+    unloaded mid-request, through SageMaker's routes and then vLLM's: none fails or changes its
+    answer, the request in flight on delta ends with delta's answer, then delta is a 404."""
+    srv, adapters, refs = lora
+    stop = threading.Event()
+    answers: list[tuple[str | None, int, list[int]]] = []
+
+    def keep_streaming(name):
+        while not stop.is_set():
+            answers.append((name, *stream_ids(srv, native(name))))
+
+    path = adapters["delta"].path
+    routes = [(lambda: post(srv, "/adapters", {"name": "delta", "src": path}),
+               lambda: requests.delete(srv.url + "/adapters/delta", timeout=TIMEOUT)),
+              (lambda: post(srv, "/v1/load_lora_adapter", {"lora_name": "delta", "lora_path": path}),
+               lambda: post(srv, "/v1/unload_lora_adapter", {"lora_name": "delta"}))]
+    with ThreadPoolExecutor(4) as pool:
+        background = [pool.submit(keep_streaming, name) for name in (None, "alpha", "beta")]
+        try:
+            for load, unload in routes:
+                assert load().status_code == 200
+                body = {**native("delta", N_LONG), "stream": True}
+                with requests.post(srv.url + "/generate_stream", json=body, stream=True, timeout=TIMEOUT) as resp:
+                    lines = (json.loads(line[5:]) for line in resp.iter_lines() if line.startswith(b"data:"))
+                    tokens = [next(lines)["token"]["id"]]  # the request is running
+                    removing = pool.submit(unload)
+                    time.sleep(0.3)
+                    assert "delta" in tgi_error(post(srv, "/generate", native("delta")), 404)  # while it drains
+                    tokens += [event["token"]["id"] for event in lines]
+                assert removing.result(TIMEOUT).status_code == 200
+                assert tokens == refs["delta-long"]
+                assert "delta" in tgi_error(post(srv, "/generate", native("delta")), 404)
+        finally:
+            stop.set()
+        for f in background:
+            f.result(TIMEOUT)
+    for name in (None, "alpha", "beta"):
+        mine = [a for a in answers if a[0] == name]
+        assert len(mine) >= 2, (name, len(mine))
+        assert all(status == 200 and ids == refs[name] for _, status, ids in mine), (name, mine)
 
 
 def test_serve_stops_with_one_line_naming_a_bad_adapter(lora):
