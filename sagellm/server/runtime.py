@@ -3,6 +3,7 @@ model is loaded and warmed up, then 200 while the engine is healthy."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -42,6 +43,12 @@ class Runtime:
             self._build()
             if self.state != "loading":  # SIGTERM came while loading: stay stopping
                 return
+            # As vLLM's own server does once started: what start-up allocated (torch, transformers,
+            # vLLM, the tokenizer: ~730k objects with ENGINE=vllm) leaves the collector's reach. A
+            # full collection over it took ~375 ms here, every stream stalled meanwhile, whenever
+            # the oldest generation came due under load (TTFT p99 1,056 ms against p50 382 ms).
+            gc.collect()
+            gc.freeze()
             self.state = "ready"
             self.ready_at = time.monotonic()
             log.info("ready in %.1fs: serving %s", self.ready_at - self.started, self.engine.model.served_name)

@@ -82,9 +82,12 @@ def test_other_flags_pass_through_to_vllm_and_show_at_start_up():
 
 def test_unhonoured_settings_get_one_warning_each():
     s = Settings.from_env({"CPU_KERNELS": "false", "SM_VLLM_MAX_LORAS": "4", "OPTION_ROLLING_BATCH": "vllm",
-                           "SM_VLLM_MAX_MODEL_LEN": "2048"})
+                           "SM_VLLM_MAX_MODEL_LEN": "2048", "BATCH_INVARIANT": "true", "MAX_LORA_RANK": "8"})
     vllm = s.unhonoured("vllm")
-    assert vllm == ["CPU_KERNELS is not honoured by ENGINE=vllm (it selects sagellm's own CPU kernels)"]
+    assert vllm == ["CPU_KERNELS is not honoured by ENGINE=vllm (it selects sagellm's own CPU kernels)",
+                    "BATCH_INVARIANT is not honoured by ENGINE=vllm (vLLM's batches are not made invariant; "
+                    "greedy output may change with the batch)",
+                    "MAX_LORA_RANK is not honoured by ENGINE=vllm (ENGINE=vllm serves no LoRA adapters)"]
     ours = s.unhonoured("sagellm")
     assert ours == ["OPTION_ROLLING_BATCH is a vLLM argument; ENGINE=sagellm does not honour it",
                     "SM_VLLM_MAX_LORAS is a vLLM argument; ENGINE=sagellm does not honour it"]

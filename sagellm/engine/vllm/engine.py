@@ -51,7 +51,10 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        config = self._args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        # As `vllm serve` resolves them: the batch defaults vLLM picks per device (max_num_seqs,
+        # max_num_batched_tokens; 1024 and 8192 on an H100 against 128 and 2048 for other contexts)
+        # depend on it, and sagellm is an API server as vLLM's own is.
+        config = self._args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         # Our own stat logger only: vLLM's default ones log every few seconds and run a
         # Prometheus registry of their own; /metrics reads `stats()`.
         self._llm = AsyncLLM.from_vllm_config(config, stat_loggers=[self._stat_logger()],
