@@ -25,7 +25,7 @@ from sagellm.engine.sampler import Sample, plain_greedy, sample
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import Sequence
-from sagellm.errors import NotFound
+from sagellm.errors import NotFound, ValidationError
 from sagellm.model.attention import QUERY_BLOCK
 from sagellm.model.forward import ModelForward
 
@@ -60,6 +60,7 @@ class LLMEngine:
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         num_kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        self.vocab_size = mc.vocab_size  # rows of the logits; logit_bias ids must be below it
         world = tp_group.world if tp_group is not None else 1
         cache_shape = (config.num_kv_blocks, config.block_size, mc.num_hidden_layers, num_kv_heads // world,
                        head_dim, dtype or model.dtype)
@@ -111,6 +112,9 @@ class LLMEngine:
             raise EngineDead("the engine is not running")
         if params.do_sample and params.seed is None:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
+        if any(not 0 <= t < self.vocab_size for t, _ in params.logit_bias):
+            raise ValidationError(f"`logit_bias` keys must be token ids >= 0 and < {self.vocab_size} "
+                                  "(the vocabulary size)", param="logit_bias")
         lora = None
         if params.adapter is not None:
             if self.adapters is None:
@@ -211,27 +215,21 @@ class LLMEngine:
                 ) -> tuple[list[Sample | None], list[tuple[Sequence, str]]]:
         """logits: [N, vocab] in the model's dtype, one row per sequence. One Sample per row (its
         `error` set when no token could be drawn), None for a row failed here; those rows are
-        returned with the error to fail them alone. A row whose logit_bias names an id outside the
-        vocabulary never reaches the sampler (the fused kernel indexes with them). When the batch
+        returned with the error to fail them alone (logit_bias ids were checked at submit: the fused
+        kernel indexes with them). When the batch
         raises, each row is sampled again on its own from the same logits (the draws are keyed by
         seed and position, not by the batch), so the others get the tokens they would have drawn."""
-        vocab, kernels, eos = logits.shape[1], self.runner.kernels, self.eos_token_ids
-        failed = [(seq, f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})")
-                  for seq in seqs if any(not 0 <= t < vocab for t, _ in seq.params.logit_bias)]
-        if not failed:
-            try:
-                # A copy: the sampler writes penalties into its rows, and the fallback needs them as they were.
-                return (plain_greedy(logits, seqs, eos, kernels) or sample(logits.clone(), seqs, eos, kernels)), []
-            except Exception:
-                log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
-        bad = {id(seq) for seq, _ in failed}
+        kernels, eos = self.runner.kernels, self.eos_token_ids
+        try:
+            # No copy: sample() leaves the logits as they were, so the fallback below reads them too.
+            return (plain_greedy(logits, seqs, eos, kernels) or sample(logits, seqs, eos, kernels)), []
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        failed: list[tuple[Sequence, str]] = []
         samples: list[Sample | None] = []
         for i, seq in enumerate(seqs):
-            if id(seq) in bad:
-                samples.append(None)
-                continue
             try:
-                samples.append(sample(logits[i:i + 1].clone(), [seq], eos, kernels)[0])
+                samples.append(sample(logits[i:i + 1], [seq], eos, kernels)[0])
             except Exception as exc:
                 samples.append(None)
                 failed.append((seq, f"sampling failed: {type(exc).__name__}: {exc}"))

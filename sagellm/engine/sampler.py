@@ -62,14 +62,16 @@ def plain_greedy(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int,
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...], kernels=None) -> list[Sample]:
-    """logits: [N, vocab] in the model's dtype, one row per sequence in `seqs` (may be changed)."""
+    """logits: [N, vocab] in the model's dtype, one row per sequence in `seqs`; left unchanged
+    (the engine samples rows again from them when a batch raises)."""
     if not seqs:  # a step of prompt chunks only
         return []
     batch = SamplingBatch(seqs, eos_ids, logits.shape[1])
     if kernels is not None and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
         tokens, logprobs, top_ids, top_lp = kernels.sample_rows(logits.contiguous(), *batch.kernel_args())
     else:
-        tokens, logprobs, top_ids, top_lp = sampler_torch.sample_rows(logits.float(), batch)
+        # A float32 copy even of float32 logits: the torch path writes penalties into its rows.
+        tokens, logprobs, top_ids, top_lp = sampler_torch.sample_rows(logits.to(torch.float32, copy=True), batch)
     tokens = tokens.tolist()
     logprobs = logprobs.tolist() if any(seq.params.logprobs for seq in seqs) else None
     tops = (top_ids.tolist(), top_lp.tolist()) if batch.top_n else None

@@ -26,7 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "cpu_kernels.cpp", CSRC / "decode_attention.cpp", CSRC / "sampler.cpp", CSRC / "lora.cpp")
+SOURCES = (CSRC / "cpu_kernels.cpp", CSRC / "decode_attention.cpp", CSRC / "sampler.cpp",
+           CSRC / "prefill_attention.cpp", CSRC / "lora.cpp")
 HEADERS = (CSRC / "simd.h", CSRC / "sampler_draw.h")
 # x86-64-v4 = AVX-512 F/BW/CD/DQ/VL: the build runs on any such CPU, not only the one it was
 # compiled on (an image is built on one machine and run on another). No contraction of a multiply
@@ -59,6 +60,14 @@ def unsupported_reason() -> str | None:
     if not torch.backends.openmp.is_available():
         return "this torch build has no OpenMP"
     return None
+
+
+def has_bf16_dot() -> bool:
+    """Whether the CPU has AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later), which the
+    flash_prefill_attention kernel needs; the build itself targets x86-64-v4 only."""
+    if "bf16_dot" not in _state:
+        _state["bf16_dot"] = "avx512_bf16" in _cpu_flags()
+    return bool(_state["bf16_dot"])
 
 
 def library_path(cache_dir: Path) -> Path:

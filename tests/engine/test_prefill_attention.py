@@ -1,0 +1,76 @@
+"""The flash_prefill_attention kernel (sagellm/model/csrc/prefill_attention.cpp) against float32
+attention, read straight from the paged cache through slots, and when the attention takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sagellm.model import cpu_kernels
+from sagellm.model.attention import PrefillChunk, StepMetadata, flash_fits
+
+
+@pytest.fixture(scope="module")
+def ops():
+    k = cpu_kernels.load()
+    assert k is not None, cpu_kernels.unsupported_reason() or "the build failed (see the log)"
+    # This project's machines (Zen 4, CI's included) have AVX512-BF16: the kernel must run here.
+    assert cpu_kernels.has_bf16_dot()
+    return k
+
+
+def _reference(q, k, v, ctx, scale):
+    """q [t, H, D], k and v [KVH, ctx + t, D] -> float32 causal attention [t, H, D]."""
+    t = q.shape[0]
+    mask = torch.arange(ctx + t)[None, :] <= (ctx + torch.arange(t))[:, None]
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k[None].float(), v[None].float(),
+                                          attn_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (16, 2, 64)])
+@pytest.mark.parametrize("ctx,t", [(0, 1), (0, 65), (0, 300), (37, 64), (130, 1), (1000, 97)])
+def test_flash_prefill_equals_float32_attention(ops, heads, kv_heads, head_dim, ctx, t):
+    g = torch.Generator().manual_seed(ctx + t + heads)
+    # q as the forward hands it: the q heads of a fused [t, H + KVH, D] projection (strided rows)
+    q = torch.randn(t, heads + kv_heads, head_dim, generator=g).bfloat16()[:, :heads]
+    k, v = (torch.randn(kv_heads, ctx + t, head_dim, generator=g).bfloat16() for _ in range(2))
+    got = ops.flash_prefill_attention(q, k, v, ctx, 0.125)
+    assert got.shape == (t, heads, head_dim) and got.dtype == torch.bfloat16
+    # bf16 inputs and one bf16 rounding of the probabilities and of the output
+    torch.testing.assert_close(got.float(), _reference(q, k, v, ctx, 0.125), atol=1e-2, rtol=1e-2)
+
+
+def test_flash_prefill_reads_the_paged_cache_through_slots(ops):
+    g = torch.Generator().manual_seed(7)
+    ctx, t, kv_heads, d = 200, 50, 3, 64
+    cache_k, cache_v = (torch.randn(kv_heads, 4096, d, generator=g).bfloat16() for _ in range(2))
+    slots = torch.randperm(4096, generator=g)[:ctx + t]  # scattered, as paged blocks are
+    q = torch.randn(t, 9, d, generator=g).bfloat16()
+    got = ops.flash_prefill_attention(q, cache_k, cache_v, ctx, 0.125, slots)
+    expected = ops.flash_prefill_attention(q, cache_k[:, slots], cache_v[:, slots], ctx, 0.125)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got.float(), _reference(q, cache_k[:, slots], cache_v[:, slots], ctx, 0.125),
+                               atol=1e-2, rtol=1e-2)
+
+
+def test_flash_prefill_refuses_what_it_does_not_take(ops):
+    q, k = torch.randn(4, 9, 64), torch.randn(3, 4, 64)
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        ops.flash_prefill_attention(q, k, k, 0, 0.125)
+    q, k = torch.randn(4, 9, 32).bfloat16(), torch.randn(3, 4, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        ops.flash_prefill_attention(q, k, k, 0, 0.125)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("bf16", True), ("float32", False), ("batch_invariant", False), ("window", False), ("softcap", False),
+    ("sinks", False), ("no kernels", False)])
+def test_flash_taken_only_where_it_computes_the_same_thing(ops, case, expected):
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    query, cache = torch.zeros(1, 9, 8, 64, dtype=dtype), torch.zeros(3, 64, 64, dtype=dtype)
+    meta = StepMetadata(cache=None, slot_mapping=torch.arange(8), num_decode=0, decode_blocks=None,
+                        decode_bias=None, prefills=[PrefillChunk(0, 8, 0, None, None)],
+                        kernels=None if case == "no kernels" else ops, batch_invariant=case == "batch_invariant")
+    assert flash_fits(meta, query, cache, 4 if case == "window" else 0, 30.0 if case == "softcap" else 0.0,
+                      torch.zeros(9) if case == "sinks" else None) is expected
