@@ -37,3 +37,23 @@ def test_vllm_flag_for_max_loras_shrinks_the_registry_by_the_empty_slot():
     assert reg.max_loras == 2
     with pytest.raises(ModelLoadError, match="max_loras=1 leaves no adapter slot"):
         fit_slots(reg, 1)
+
+
+def test_registry_checks_each_adapter_against_the_base_models_shapes(tmp_path):
+    from lora_adapters import make_adapter
+    from transformers import AutoConfig
+
+    from sagellm.engine.vllm.lora import registry
+    from sagellm.model import bundled
+
+    base = str(bundled.bundled_model_dir(None))
+    alpha = make_adapter(base, "alpha", tmp_path, 0)
+    config = AutoConfig.from_pretrained(base)
+    reg = registry(Settings.from_env({"MAX_LORAS": "2"}), config, base, "served", [("alpha", alpha.path)])
+    (weights,) = reg.resident_weights()
+    assert (reg.names(), weights.rank, weights.targets) == (("alpha",), 4, ["self_attn.q_proj", "self_attn.v_proj"])
+    with pytest.raises(ModelLoadError, match="`alpha`: rank 4 is above MAX_LORA_RANK=2"):
+        registry(Settings.from_env({"MAX_LORA_RANK": "2"}), config, base, "served", [("alpha", alpha.path)])
+    config.num_hidden_layers = 4
+    with pytest.raises(ModelLoadError, match="`alpha`: target module layers.4.self_attn.q_proj is absent"):
+        registry(Settings.from_env({"MAX_LORAS": "2"}), config, base, "served", [("alpha", alpha.path)])

@@ -57,8 +57,13 @@ def registry(settings: Settings, config, base_id: str, served_name: str,
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+    except Exception as exc:  # an architecture only vLLM builds: its adapters cannot be checked here
+        raise ModelLoadError(f"LoRA adapters on ENGINE=vllm are checked against transformers' build of the base "
+                             f"model, which fails for {type(config).__name__}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     def read(name: str, folder: str):
         return lora_mod.read_adapter(name, folder, skeleton, settings.max_lora_rank, base_id=base_id,
