@@ -7,6 +7,7 @@ MAX_LORAS."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +249,25 @@ def test_load_and_unload_while_other_adapters_stream(lora):
         mine = [a for a in answers if a[0] == name]
         assert len(mine) >= 2, (name, len(mine))
         assert all(status == 200 and ids == refs[name] for _, status, ids in mine), (name, mine)
+
+
+def test_an_adapter_whose_files_went_away_after_loading_fails_alone(lora, tmp_path):
+    """Our engine holds an adapter's weights from its registration, so it answers; vLLM reads them
+    when a request first names it: that request gets a 503 naming the adapter, and vLLM goes on
+    serving the base model and the other adapters."""
+    srv, adapters, refs = lora
+    folder = shutil.copytree(adapters["delta"].path, tmp_path / "gone")
+    assert post(srv, "/adapters", {"name": "gone", "src": str(folder)}).status_code == 200
+    (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    r = post(srv, "/generate", native("gone"))
+    if srv.engine == "vllm":
+        assert "`gone` could not be loaded by vLLM" in tgi_error(r, 503)
+    else:
+        assert ids_of(r) == refs["delta"]
+    assert requests.delete(srv.url + "/adapters/gone", timeout=TIMEOUT).status_code == 200
+    for name in (None, "alpha"):
+        assert ids_of(post(srv, "/generate", native(name))) == refs[name], name
+    assert requests.get(srv.url + "/ping", timeout=TIMEOUT).status_code == 200
 
 
 def test_serve_stops_with_one_line_naming_a_bad_adapter(lora):

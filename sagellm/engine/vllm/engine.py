@@ -19,7 +19,7 @@ from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.vllm.lora import lora_request
 from sagellm.engine.vllm.params import ENGINE, check_supported, to_vllm
 from sagellm.engine.vllm.request import VllmRequest
-from sagellm.errors import NotFound, ValidationError
+from sagellm.errors import NotFound, Unavailable, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class VllmEngine:
             if req.lora is not None:
                 await self._sync_loras()
                 lora = lora_request(req.lora)
-                self._in_vllm.add(req.lora.uid)
+                if req.lora.uid not in self._in_vllm:
+                    await self._load_lora(lora)
             collector = await self._llm.add_request(req.request_id, tokens_input(req.prompt_ids), vllm_params,
                                                     lora_request=lora)
         self._requests[req.request_id] = req
@@ -181,6 +182,20 @@ class VllmEngine:
         for uid in sorted(self._in_vllm - resident):
             await self._llm.remove_lora(uid)
             self._in_vllm.discard(uid)
+
+    async def _load_lora(self, lora) -> None:
+        """Have vLLM read the adapter now, as a call of its own: one it cannot load (its files
+        changed since they were checked, or something vLLM refuses) fails this request alone; read
+        inside an engine step, the failure would stop vLLM's engine core."""
+        try:
+            await self._llm.add_lora(lora)
+        except Exception as exc:
+            if self._llm.errored:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise Unavailable(f"adapter `{lora.lora_name}` could not be loaded by vLLM: {type(exc).__name__}: "
+                              f"{first}") from None
+        self._in_vllm.add(lora.lora_int_id)
 
     def _release(self, req: VllmRequest) -> None:
         if req.lora is not None:
