@@ -31,8 +31,7 @@ QUANTIZATIONS = ("auto_awq", "modelopt", "modelopt_fp4", "modelopt_mxfp8", "mode
 
 # Settings that only sagellm's own engine reads: with ENGINE=vllm, setting them earns a warning.
 _ONLY_SAGELLM = {"cpu_kernels": "it selects sagellm's own CPU kernels",
-                 "batch_invariant": "vLLM's batches are not made invariant; greedy output may change with the batch",
-                 "max_lora_rank": "ENGINE=vllm serves no LoRA adapters"}
+                 "batch_invariant": "vLLM's batches are not made invariant; greedy output may change with the batch"}
 
 
 def is_bare_flag(name: str, raw: str) -> bool:

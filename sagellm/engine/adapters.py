@@ -44,6 +44,10 @@ class AdapterRegistry:
         with self._cond:
             return tuple(self._resident)
 
+    def resident_weights(self) -> tuple[LoraWeights, ...]:
+        with self._cond:
+            return tuple(self._resident.values())
+
     def running(self) -> dict[str, int]:
         with self._cond:
             return {n: c for n, c in self._running.items() if c}

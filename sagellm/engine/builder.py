@@ -31,9 +31,6 @@ def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
     name, why = choose_engine(settings.engine)
     device = device or pick_device()
     if name == "vllm":
-        if settings.lora_adapters or settings.max_loras is not None:
-            raise ModelLoadError("LoRA adapters (LORA_ADAPTERS, MAX_LORAS) are served by ENGINE=sagellm only; "
-                                 "ENGINE=vllm does not serve them yet")
         from sagellm.engine.vllm.build import build_vllm
 
         client = build_vllm(settings, device)

@@ -1,4 +1,4 @@
-"""Multi-LoRA through the real server, fp32: greedy tokens of each adapter equal peft's merged
+"""Multi-LoRA through the real server on both engines (ENGINE=vllm: vLLM's LoRARequest), fp32: greedy tokens of each adapter equal peft's merged
 model, chosen by TGI's adapter_id, SageMaker's header on /invocations and OpenAI's model field;
 rows of the base model and three adapters share steps; adapters load and unload at run time
 (requests in flight finish first, also while other adapters stream) and swap in and out beyond
@@ -7,6 +7,7 @@ MAX_LORAS."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import Server
+from conftest import ENGINES, Server, start_vllm_server, stop_vllm_server
 from helpers import TIMEOUT, oai_error, post, tgi_error
 from lora_adapters import greedy, make_adapter, merged_model
 
@@ -26,10 +27,10 @@ BASE_NAMES = ("alpha", "beta", "gamma", "delta")
 
 
 @pytest.fixture(scope="module")
-def lora(tmp_path_factory):
+def made(tmp_path_factory):
     """Adapters alpha (attention, r4), beta (MLP, r8, named by its folder), gamma (all seven
     projections, r16, rsLoRA, found under SM_MODEL_DIR/adapters/), delta (loaded at run time);
-    the reference greedy tokens of each; a server with MAX_LORAS=3."""
+    the reference greedy tokens of each."""
     from transformers import AutoTokenizer
 
     from sagellm.model import bundled
@@ -46,10 +47,24 @@ def lora(tmp_path_factory):
         refs[name] = greedy(merged_model(base, a.path), prompt_ids, N_LONG if name == "delta" else N)
     refs["delta-long"], refs["delta"] = refs["delta"], refs["delta"][:N]
     assert len({tuple(r) for r in refs.values()}) == len(refs), f"an adapter leaves the answer unchanged: {refs}"
-    srv = Server(env={"LORA_ADAPTERS": f"alpha={adapters['alpha'].path},{adapters['beta'].path}",
-                      "SM_MODEL_DIR": str(model_dir), "MAX_LORAS": "3", "MAX_CONCURRENT_REQUESTS": "16"})
-    yield srv, adapters, refs
-    srv.stop()
+    return model_dir, adapters, refs
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def lora(request, made):
+    """A server with alpha, beta and gamma, MAX_LORAS=3, on each engine (the test ids say which)."""
+    model_dir, adapters, refs = made
+    env = {"LORA_ADAPTERS": f"alpha={adapters['alpha'].path},{adapters['beta'].path}",
+           "SM_MODEL_DIR": str(model_dir), "MAX_LORAS": "3", "MAX_CONCURRENT_REQUESTS": "16"}
+    if request.param == "vllm":
+        srv = start_vllm_server(env)
+        yield srv, adapters, refs
+        stop_vllm_server(srv)
+    else:
+        srv = Server(env=env)
+        srv.engine = "sagellm"
+        yield srv, adapters, refs
+        srv.stop()
 
 
 def native(adapter: str | None, n: int = N) -> dict:
@@ -236,10 +251,29 @@ def test_load_and_unload_while_other_adapters_stream(lora):
         assert all(status == 200 and ids == refs[name] for _, status, ids in mine), (name, mine)
 
 
+def test_an_adapter_whose_files_went_away_after_loading_fails_alone(lora, tmp_path):
+    """Our engine holds an adapter's weights from its registration, so it answers; vLLM reads them
+    when a request first names it: that request gets a 503 naming the adapter, and vLLM goes on
+    serving the base model and the other adapters."""
+    srv, adapters, refs = lora
+    folder = shutil.copytree(adapters["delta"].path, tmp_path / "gone")
+    assert post(srv, "/adapters", {"name": "gone", "src": str(folder)}).status_code == 200
+    (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    r = post(srv, "/generate", native("gone"))
+    if srv.engine == "vllm":
+        assert "`gone` could not be loaded by vLLM" in tgi_error(r, 503)
+    else:
+        assert ids_of(r) == refs["delta"]
+    assert requests.delete(srv.url + "/adapters/gone", timeout=TIMEOUT).status_code == 200
+    for name in (None, "alpha"):
+        assert ids_of(post(srv, "/generate", native(name))) == refs[name], name
+    assert requests.get(srv.url + "/ping", timeout=TIMEOUT).status_code == 200
+
+
 def test_serve_stops_with_one_line_naming_a_bad_adapter(lora):
     from test_serve_startup import Proc, base_env
 
-    p = Proc(base_env(LORA_ADAPTERS=f"small={lora[1]['alpha'].path}", MAX_LORA_RANK="2"))
+    p = Proc(base_env(ENGINE=lora[0].engine, LORA_ADAPTERS=f"small={lora[1]['alpha'].path}", MAX_LORA_RANK="2"))
     rc = p.wait(120)
     out = p.output
     assert rc != 0, out

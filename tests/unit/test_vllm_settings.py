@@ -86,8 +86,7 @@ def test_unhonoured_settings_get_one_warning_each():
     vllm = s.unhonoured("vllm")
     assert vllm == ["CPU_KERNELS is not honoured by ENGINE=vllm (it selects sagellm's own CPU kernels)",
                     "BATCH_INVARIANT is not honoured by ENGINE=vllm (vLLM's batches are not made invariant; "
-                    "greedy output may change with the batch)",
-                    "MAX_LORA_RANK is not honoured by ENGINE=vllm (ENGINE=vllm serves no LoRA adapters)"]
+                    "greedy output may change with the batch)"]
     ours = s.unhonoured("sagellm")
     assert ours == ["OPTION_ROLLING_BATCH is a vLLM argument; ENGINE=sagellm does not honour it",
                     "SM_VLLM_MAX_LORAS is a vLLM argument; ENGINE=sagellm does not honour it"]

@@ -58,8 +58,9 @@ def _quantization(settings: Settings) -> str | None:
     return _VLLM_QUANTIZATION.get(q, q)
 
 
-def engine_args(settings: Settings, model_path: str, config, device: str, world: int):
-    """(AsyncEngineArgs, warning lines for flags vLLM's engine does not take)."""
+def engine_args(settings: Settings, model_path: str, config, device: str, world: int, lora: dict | None = None):
+    """(AsyncEngineArgs, warning lines for flags vLLM's engine does not take); lora: the LoRA
+    arguments (sagellm.engine.vllm.lora.engine_kwargs), which SM_VLLM_*/OPTION_* flags override."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs = dict(
@@ -74,6 +75,7 @@ def engine_args(settings: Settings, model_path: str, config, device: str, world:
         disable_log_stats=True, enable_log_requests=False)
     if device == "cuda":
         kwargs["gpu_memory_utilization"] = settings.cuda_memory_fraction
+    kwargs.update(lora or {})
     flags, warnings = pass_through_args(settings.vllm_flags)
     kwargs.update(flags)
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None}), warnings

@@ -9,6 +9,7 @@ import time
 
 from sagellm.engine.client import Limits, ModelInfo
 from sagellm.engine.frontend import describe_limits, grammar_compiler, vocab_size, warm_up
+from sagellm.engine.vllm import lora as vllm_lora
 from sagellm.engine.vllm.args import engine_args
 from sagellm.engine.vllm.client import VllmEngineClient
 from sagellm.engine.vllm.engine import VllmEngine
@@ -36,18 +37,25 @@ def build_vllm(settings: Settings, device: str) -> VllmEngineClient:
     chat = ChatTemplate(tokenizer, template, template_source, dict(settings.chat_template_kwargs))
     chat.self_test()
     world = check_degree(settings.num_shard, config, device)
-    args, warnings = engine_args(settings, source.path, config, device, world)
+    adapters = vllm_lora.configured(settings)
+    lora_args, lora_lines = vllm_lora.engine_kwargs(settings) if adapters is not None else (None, [])
+    served_name = settings.served_model_name or source.model_id
+    registry = None if adapters is None else vllm_lora.registry(settings, config, source.model_id, served_name,
+                                                                  adapters)
+    args, warnings = engine_args(settings, source.path, config, device, world, lora_args)
+    if registry is not None:
+        vllm_lora.fit_slots(registry, args.max_loras)
     try:
         generation_config = GenerationConfig.from_pretrained(source.path)
     except OSError:  # no generation_config.json
         generation_config = None
     eos = eos_token_ids(generation_config, tokenizer)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    engine = VllmEngine(args, tokenizer, eos, text_config.vocab_size)
+    engine = VllmEngine(args, tokenizer, eos, text_config.vocab_size, adapters=registry)
     try:
         engine.start()
         limits = _limits(settings, engine.limits())
-        info = ModelInfo(model_id=source.model_id, served_name=settings.served_model_name or source.model_id,
+        info = ModelInfo(model_id=source.model_id, served_name=served_name,
                          device=device, dtype=str(engine.dtype).replace("torch.", ""),
                          vocab_size=vocab_size(tokenizer, config))
         client = VllmEngineClient(engine, model=info, limits=limits, tokenizer=tokenizer, chat=chat,
@@ -65,7 +73,8 @@ def build_vllm(settings: Settings, device: str) -> VllmEngineClient:
     for line in (f"model={source.model_id} ({source.kind}, {source.path})",
                  f"served_model_name={info.served_name} device={device} dtype={info.dtype}",
                  f"chat_template={chat.source} eos_token_ids={list(eos)}",
-                 f"tensor_parallel={world}", describe_limits(limits), f"loaded in {time.monotonic() - t0:.1f}s"):
+                 f"tensor_parallel={world}", describe_limits(limits), *lora_lines,
+                 f"loaded in {time.monotonic() - t0:.1f}s"):
         log.info("%s", line)
     return client
 

@@ -16,15 +16,16 @@ import uuid
 from sagellm.engine.client import EngineDead, QueueStream
 from sagellm.engine.events import FinishReason
 from sagellm.engine.sampling_params import SamplingParams
+from sagellm.engine.vllm.lora import lora_request
 from sagellm.engine.vllm.params import ENGINE, check_supported, to_vllm
 from sagellm.engine.vllm.request import VllmRequest
-from sagellm.errors import ValidationError
+from sagellm.errors import NotFound, Unavailable, ValidationError
 
 log = logging.getLogger(__name__)
 
 
 class VllmEngine:
-    def __init__(self, engine_args, tokenizer, eos_token_ids: tuple[int, ...], vocab_size: int):
+    def __init__(self, engine_args, tokenizer, eos_token_ids: tuple[int, ...], vocab_size: int, adapters=None):
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size
@@ -38,6 +39,9 @@ class VllmEngine:
         self.last_progress = time.monotonic()
         self.num_steps = 0  # engine-core iterations reported (sagellm_engine_steps)
         self._sched = {"queue": 0, "batch": 0, "prefix_query": 0, "prefix_hit": 0, "kv_usage": 0.0}
+        self.adapters = adapters  # sagellm.engine.adapters.AdapterRegistry, or None: LoRA serving is off
+        self._in_vllm: set[int] = set()  # uids of the adapters added to vLLM and not yet removed
+        self._add_lock = asyncio.Lock()
 
     # ---- lifecycle ----
 
@@ -98,6 +102,10 @@ class VllmEngine:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         req = VllmRequest(request_id or uuid.uuid4().hex, prompt_ids, params, self.tokenizer, self._special_ids)
         vllm_params = to_vllm(params, self.vocab_size)
+        if params.adapter is not None:
+            if self.adapters is None:
+                raise NotFound(f"adapter `{params.adapter}` is not loaded (LoRA serving is off)", param="adapter_id")
+            req.lora = self.adapters.acquire(params.adapter)  # released when the request ends (_pump)
         # Wait for vLLM to take it, so a request it refuses is refused here, before any output.
         future = asyncio.run_coroutine_threadsafe(self._add(req, vllm_params), self._loop)
         from vllm.exceptions import VLLMClientError
@@ -112,6 +120,9 @@ class VllmEngine:
             if not self.is_alive():
                 raise EngineDead(f"the vLLM engine stopped: {type(exc).__name__}") from exc
             raise
+        finally:
+            if req.task is None:  # not taken: no _pump to release its adapter
+                self._release(req)
         return QueueStream(req.request_id, len(prompt_ids), params.seed if params.do_sample else None, req.events,
                            self.is_alive, lambda: self.abort(req.request_id))
 
@@ -126,7 +137,15 @@ class VllmEngine:
     async def _add(self, req: VllmRequest, vllm_params) -> None:
         from vllm.inputs.engine import tokens_input
 
-        collector = await self._llm.add_request(req.request_id, tokens_input(req.prompt_ids), vllm_params)
+        async with self._add_lock:
+            lora = None
+            if req.lora is not None:
+                await self._sync_loras()
+                lora = lora_request(req.lora)
+                if req.lora.uid not in self._in_vllm:
+                    await self._load_lora(lora)
+            collector = await self._llm.add_request(req.request_id, tokens_input(req.prompt_ids), vllm_params,
+                                                    lora_request=lora)
         self._requests[req.request_id] = req
         req.task = asyncio.create_task(self._pump(req, collector))
 
@@ -156,6 +175,35 @@ class VllmEngine:
             if not ended_by_vllm and not self._llm.errored:
                 await self._llm.abort(collector.request_id, internal=True)
             collector.close()
+            self._release(req)
+
+    async def _sync_loras(self) -> None:
+        """Remove from vLLM every adapter the registry no longer holds resident (swapped out or
+        unregistered; none has a request running), so at most MAX_LORAS are active there and the
+        slot base-model rows read stays empty (sagellm.engine.vllm.lora)."""
+        resident = {w.uid for w in self.adapters.resident_weights()}
+        for uid in sorted(self._in_vllm - resident):
+            await self._llm.remove_lora(uid)
+            self._in_vllm.discard(uid)
+
+    async def _load_lora(self, lora) -> None:
+        """Have vLLM read the adapter now, as a call of its own: one it cannot load (its files
+        changed since they were checked, or something vLLM refuses) fails this request alone; read
+        inside an engine step, the failure would stop vLLM's engine core."""
+        try:
+            await self._llm.add_lora(lora)
+        except Exception as exc:
+            if self._llm.errored:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise Unavailable(f"adapter `{lora.lora_name}` could not be loaded by vLLM: {type(exc).__name__}: "
+                              f"{first}") from None
+        self._in_vllm.add(lora.lora_int_id)
+
+    def _release(self, req: VllmRequest) -> None:
+        if req.lora is not None:
+            self.adapters.release(req.lora)
+            req.lora = None
 
     def _cancel(self, request_id: str) -> None:
         req = self._requests.get(request_id)

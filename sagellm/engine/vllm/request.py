@@ -30,6 +30,7 @@ class VllmRequest:
         self.finished = False
         self.num_output = 0
         self.task = None  # the asyncio task pumping vLLM's outputs into `feed`
+        self.lora = None  # the adapter's LoraWeights (checked, weightless) while it is held
         self._tokenizer = tokenizer
         self._special_ids = special_ids
         self._detokenizer = make_detokenizer(tokenizer, prompt_ids)
