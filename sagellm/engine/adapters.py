@@ -13,14 +13,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sagellm.errors import NotFound, Overloaded, Unavailable, ValidationError
-from sagellm.model.lora import AdapterError, LoraWeights
+from sagellm.errors import ModelLoadError, NotFound, Overloaded, Unavailable, ValidationError
+from sagellm.model.lora import AdapterError, LoraWeights, locate
 
 log = logging.getLogger("sagellm")
 
 # How long a request waits for an adapter slot when all MAX_LORAS resident adapters are busy,
 # and how long removing an adapter waits for its requests, before giving up with an error.
 WAIT_S = 300.0
+DEFAULT_MAX_LORAS = 8  # adapters resident at once when MAX_LORAS is unset
 
 
 class AdapterRegistry:
@@ -125,3 +126,21 @@ class AdapterRegistry:
         del self._resident[idle]
         log.info("LoRA adapter %s swapped out (MAX_LORAS=%d)", idle, self.max_loras)
         return True
+
+
+def configured_registry(read: Callable[[str, str], LoraWeights], max_loras: int | None, reserved: tuple[str, ...],
+                        adapters: list[tuple[str, str]], model_dir: str, hf_token: str | None) -> AdapterRegistry:
+    """The registry with every configured adapter (LORA_ADAPTERS and <model_dir>/adapters/) read and
+    checked, for either engine: a bad or doubly configured one stops start-up with one line naming it;
+    the first max_loras stay resident."""
+    registry = AdapterRegistry(read, max_loras or DEFAULT_MAX_LORAS, reserved=reserved)
+    seen = set()
+    for name, src in adapters:
+        if name in seen:
+            raise ModelLoadError(f"LoRA adapter `{name}` is configured twice (LORA_ADAPTERS and {model_dir}/adapters/)")
+        seen.add(name)
+        try:
+            registry.add(name, locate(name, src, hf_token))
+        except ValidationError as exc:
+            raise ModelLoadError(f"LoRA adapter `{name}`: {exc.message}") from None
+    return registry

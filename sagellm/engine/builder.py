@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from sagellm.engine.adapters import AdapterRegistry
+from sagellm.engine.adapters import AdapterRegistry, configured_registry
 from sagellm.engine.choice import choose_engine
 from sagellm.engine.client import EngineClient, Limits, ModelInfo
 from sagellm.engine.distributed import TPGroup, check_degree
@@ -15,7 +15,7 @@ from sagellm.engine.engine import EngineConfig, LLMEngine
 from sagellm.engine.frontend import describe_limits, grammar_compiler, vocab_size, warm_up
 from sagellm.engine.limits import derive_limits
 from sagellm.engine.sagellm_client import SagellmEngineClient
-from sagellm.errors import ModelLoadError, SettingsError, ValidationError
+from sagellm.errors import ModelLoadError, SettingsError
 from sagellm.model import lora as lora_mod
 from sagellm.model import quantization
 from sagellm.model.loader import LoadedModel, load_model, open_model, pick_device
@@ -24,7 +24,6 @@ from sagellm.settings import Settings
 log = logging.getLogger("sagellm")
 
 BLOCK_SIZE = 16  # tokens per KV cache block (and per prefix-cache entry)
-DEFAULT_MAX_LORAS = 8  # adapters resident at once when MAX_LORAS is unset
 
 
 def build_engine(settings: Settings, device: str | None = None) -> EngineClient:
@@ -93,19 +92,8 @@ def _adapters(settings: Settings, lm: LoadedModel, adapters: list[tuple[str, str
         return lora_mod.read_adapter(name, folder, lm.model.module, settings.max_lora_rank,
                                      base_id=lm.source.model_id, dtype=lm.dtype, device=lm.device)
 
-    registry = AdapterRegistry(read, settings.max_loras or DEFAULT_MAX_LORAS,
-                               reserved=(lm.served_name, lm.source.model_id))
-    seen = set()
-    for name, src in adapters:
-        if name in seen:
-            raise ModelLoadError(f"LoRA adapter `{name}` is configured twice (LORA_ADAPTERS and "
-                                 f"{settings.model_dir}/adapters/)")
-        seen.add(name)
-        try:
-            registry.add(name, lora_mod.locate(name, src, settings.hf_token))
-        except ValidationError as exc:
-            raise ModelLoadError(f"LoRA adapter `{name}`: {exc.message}") from None
-    return registry
+    return configured_registry(read, settings.max_loras, (lm.served_name, lm.source.model_id), adapters,
+                               settings.model_dir, settings.hf_token)
 
 
 def _engine_config(settings: Settings, limits: Limits) -> EngineConfig:

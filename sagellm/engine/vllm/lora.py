@@ -17,14 +17,13 @@ from __future__ import annotations
 import bisect
 import logging
 
-from sagellm.engine.adapters import AdapterRegistry
-from sagellm.errors import ModelLoadError, ValidationError
+from sagellm.engine.adapters import DEFAULT_MAX_LORAS, AdapterRegistry, configured_registry
+from sagellm.errors import ModelLoadError
 from sagellm.model import lora as lora_mod
 from sagellm.settings import Settings
 
 log = logging.getLogger("sagellm")
 
-DEFAULT_MAX_LORAS = 8  # as sagellm.engine.builder's
 # vLLM 0.32's accepted max_lora_rank values (vllm.config.lora.MaxLoRARanks).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -69,18 +68,8 @@ def registry(settings: Settings, config, base_id: str, served_name: str,
         return lora_mod.read_adapter(name, folder, skeleton, settings.max_lora_rank, base_id=base_id,
                                      device="meta")
 
-    reg = AdapterRegistry(read, settings.max_loras or DEFAULT_MAX_LORAS, reserved=(served_name, base_id))
-    seen = set()
-    for name, src in adapters:
-        if name in seen:
-            raise ModelLoadError(f"LoRA adapter `{name}` is configured twice (LORA_ADAPTERS and "
-                                 f"{settings.model_dir}/adapters/)")
-        seen.add(name)
-        try:
-            reg.add(name, lora_mod.locate(name, src, settings.hf_token))
-        except ValidationError as exc:
-            raise ModelLoadError(f"LoRA adapter `{name}`: {exc.message}") from None
-    return reg
+    return configured_registry(read, settings.max_loras, (served_name, base_id), adapters, settings.model_dir,
+                               settings.hf_token)
 
 
 def fit_slots(reg: AdapterRegistry, vllm_max_loras: int) -> None:
