@@ -132,7 +132,7 @@ def test_hub_chat_completion_with_tools(hub):
 
 
 def test_invocations_messages_with_tools(server):
-    r = requests.post(server.url + "/invocations", json={"messages": ASK, "tools": [WEATHER],
+    r = requests.post(server.url + "/invocations", json={"messages": ASK, "tools": [WEATHER], "temperature": 0,
                                                          "tool_choice": "required", "max_tokens": 100}, timeout=120)
     call = r.json()["choices"][0]["message"]["tool_calls"][0]
     jsonschema.validate(json.loads(call["function"]["arguments"]), params_of(WEATHER))
@@ -168,11 +168,11 @@ def test_json_object_mode(client):
 def test_tgi_regex_and_json_forms_on_invocations(server):
     regex = r"(yes|no|maybe)(, because [a-z ]{1,30})?"
     r = requests.post(server.url + "/invocations", timeout=120, json={
-        "messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 40,
+        "messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 40, "temperature": 0,
         "response_format": {"type": "regex", "value": regex}})
     assert re.fullmatch(regex, r.json()["choices"][0]["message"]["content"])
     r = requests.post(server.url + "/invocations", timeout=120, json={
-        "messages": [{"role": "user", "content": "Describe a person."}], "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Describe a person."}], "max_tokens": 200, "temperature": 0,
         "response_format": {"type": "json", "value": PERSON}})
     jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), PERSON)
 
