@@ -187,6 +187,11 @@ class EngineClient(ABC):
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     @abstractmethod
+    def tokens_over(self, text: str, limit: int) -> int | None:
+        """A number of tokens `text` has at least, found without tokenizing it, when that is more
+        than `limit`; None when it is not, or the tokenizer gives no such bound."""
+
+    @abstractmethod
     def tokenize_with_offsets(self, text: str) -> list[TokenSpan]:
         """Tokens of `text` as the native API counts them (special tokens added)."""
 

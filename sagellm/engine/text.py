@@ -5,6 +5,7 @@ that tokenizer (sagellm.engine.constraint), all run in the API's threads."""
 from __future__ import annotations
 
 from sagellm.engine.client import CompiledGrammar, EngineClient, TokenSpan
+from sagellm.engine.text_bound import TokenFloor
 from sagellm.errors import ValidationError
 
 
@@ -17,9 +18,13 @@ class TextClient(EngineClient):
         self.tokenizer = tokenizer
         self._chat = chat
         self._grammars = grammars
+        self._floor = TokenFloor(tokenizer)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def tokens_over(self, text: str, limit: int) -> int | None:
+        return self._floor.over(text, limit)
 
     def tokenize_with_offsets(self, text: str) -> list[TokenSpan]:
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)

@@ -64,6 +64,30 @@ def test_tokenize_is_bounded_by_max_input_tokens(server):
     assert r.json()[-1]["stop"] == len(raw)
 
 
+# A text far over MAX_INPUT_TOKENS (3.9 MB, under PAYLOAD_LIMIT): refused by its length before the
+# tokenizer sees it ("at least", where a count after tokenizing gives the exact number, ~900,000).
+HUGE = "hello world, " * 300_000
+HUGE_BODIES = [("/tokenize", "tgi", "inputs", {"inputs": HUGE}),
+               ("/generate", "tgi", "inputs", {"inputs": HUGE, "parameters": {"max_new_tokens": 2}}),
+               ("/invocations", "tgi", "inputs", {"inputs": HUGE, "action": "tokenize"}),
+               ("/v1/completions", "openai", "prompt", {"prompt": ["Hi", HUGE], "max_tokens": 2}),
+               ("/v1/chat/completions", "openai", "messages",
+                {"messages": [{"role": "user", "content": HUGE}], "max_tokens": 2})]
+
+
+@pytest.mark.parametrize("path,flavor,field,body", HUGE_BODIES, ids=[b[0] for b in HUGE_BODIES])
+def test_text_far_over_max_input_tokens_is_refused_untokenized(server, path, flavor, field, body):
+    limit = requests.get(server.url + "/info", timeout=10).json()["max_input_tokens"]
+    r = post_url(server.url, path, body)
+    msg = error_message(r, 422, flavor)
+    assert f"`{field}` must have less than {limit + 1} tokens" in msg and f"MAX_INPUT_TOKENS={limit}" in msg, msg
+    assert "characters, at least" in msg, msg
+    if flavor == "openai":
+        assert oai_error(r, 422)["param"] == field
+    ping_ok(server.url)
+    assert post_url(server.url, "/tokenize", {"inputs": "hello"}).status_code == 200
+
+
 @pytest.mark.parametrize("role", ["robot", "System", ""])
 def test_unknown_chat_role_is_422(server, role):
     messages = [{"role": "user", "content": "hi"}, {"role": role, "content": "hi"}]

@@ -100,6 +100,9 @@ class FakeClient(EngineClient):
     def tokenize(self, text, add_special_tokens=True):
         return tokenize(text)
 
+    def tokens_over(self, text, limit):
+        return None  # words are tokens: no bound from the length alone
+
     def tokenize_with_offsets(self, text):
         return [TokenSpan(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
 
