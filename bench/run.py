@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cells  # noqa: E402  (bench/cells.py)
+from vllm_config import vllm_config  # noqa: E402  (bench/vllm_config.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen.py"
@@ -45,8 +45,6 @@ VLLM_FLAGS = ["--dtype", "bfloat16", "--max-model-len", "8192", "--max-num-seqs"
               "--max-num-batched-tokens", "2048", "--kv-cache-memory-bytes", str(4096 << 20),
               "--enable-prefix-caching"]
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-# The engine configuration vLLM logs at start-up, compared between the two (print_vllm_configs).
-VLLM_CONFIG_LINE = "with config: "
 
 
 def free_port() -> int:
@@ -215,15 +213,6 @@ def main() -> int:
     print_vllm_configs(results)
     print(f"\nraw results: {out_dir / 'results.json'}")
     return 0
-
-
-def vllm_config(log: Path) -> dict[str, str]:
-    """The engine configuration vLLM logged at start-up, {field: value} (empty: not vLLM)."""
-    for line in log.read_text(errors="replace").splitlines():
-        if VLLM_CONFIG_LINE in line:
-            text = line.split(VLLM_CONFIG_LINE, 1)[1]
-            return dict(part.split("=", 1) for part in re.split(r", (?=\w+=)", text) if "=" in part)
-    return {}
 
 
 def print_vllm_configs(results: dict) -> None:
