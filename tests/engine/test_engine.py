@@ -112,6 +112,41 @@ def test_aborted_request_frees_its_cache(chat_ids, loaded_model, engine):
     assert engine.cache.allocator.num_free == free_before
 
 
+def test_no_per_request_state_outlives_its_requests(chat_ids, loaded_model):
+    """After 48 requests of every kind (greedy, sampled, stop strings, prompt logprobs, aborted
+    while queued or midway), nothing per request is left: the memory soak's question
+    (docs/reliability.md) asked as a count, not a size."""
+    engine = make_engine(loaded_model, max_batch_size=8)
+    try:
+        kinds = [greedy(8), SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.9, seed=1),
+                 greedy(12, stop=("e",)), greedy(4, prompt_logprobs=True), greedy(200, ignore_eos=True)]
+        handles = []
+        for i in range(48):
+            h = engine.submit(chat_ids(QUESTIONS[i % len(QUESTIONS)] + f" ({i})"), kinds[i % len(kinds)])
+            if i % 7 == 3:
+                h.abort()  # most likely still queued
+            handles.append(h)
+        for i, h in enumerate(handles):
+            events = iter(h)
+            if i % len(kinds) == 4:  # 200 tokens asked: aborted after its first
+                next(events, None)
+                h.abort()
+            rest = list(events)
+            assert i % 7 == 3 or i % len(kinds) == 4 or rest[-1].finish_reason is not None
+        deadline = time.monotonic() + 10
+        while engine.num_pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine._by_id == {} and engine._prompt_logprobs == {}
+        assert not engine._inbox and not engine.scheduler.waiting and not engine.scheduler.running
+        alloc = engine.cache.allocator
+        assert alloc.num_free == alloc.num_blocks and not any(alloc._refs)
+        # What prefix caching keeps is bounded by the cache: blocks with a key, no more.
+        assert len(alloc._key_of) == len(alloc._block_of) <= alloc.num_blocks
+        assert len(engine.output._texts) <= loaded_model.tokenizer.vocab_size + 1000
+    finally:
+        engine.stop()
+
+
 def test_full_cache_makes_requests_wait_not_crash(chat_ids, loaded_model):
     # 12 blocks of 16 tokens: one request of ~40 prompt + 60 new tokens needs 7 blocks, so six
     # of them cannot run at once; they must queue or be preempted and still answer exactly.
