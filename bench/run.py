@@ -7,6 +7,7 @@ long system prompt, and print our figures beside the peers' from the same run, a
     python bench/run.py                      # sagellm only (make bench)
     python bench/run.py --peers vllm,llamacpp  # same run, peers too (make bench-peers)
     python bench/run.py --peers vllm --modes sampled --concurrency 16 --extra none  # one cell
+    python bench/run.py --peers vllm --modes none --extra long_prompt  # the long prompt's TTFT alone
     python bench/run.py --peers sagellm-bi --modes greedy --extra none  # BATCH_INVARIANT's cost
     python bench/run.py --servers sagellm-vllm,vllm  # our layer on vLLM beside plain vLLM
 
@@ -163,12 +164,12 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", default="1:16,4:32,16:64,64:128", help="per-concurrency request counts")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--modes", default=",".join(cells.MODES), help="comma list of " + ", ".join(cells.MODES))
+    ap.add_argument("--modes", default=",".join(cells.MODES), help="comma list of " + ", ".join(cells.MODES) + ", or none")
     ap.add_argument("--extra", default="long_prompt,shared_prefix", help="long_prompt, shared_prefix, or none")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     a = ap.parse_args()
     grid = [int(x) for x in a.concurrency.split(",")]
-    modes = a.modes.split(",")
+    modes = [m for m in a.modes.split(",") if m != "none"]
     extra = [x for x in a.extra.split(",") if x != "none"]
     counts = dict(tuple(map(int, part.split(":"))) for part in a.requests.split(","))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -250,6 +251,8 @@ def print_table(results: dict, grid: list[int], modes: list[str]) -> None:
                 print(f"| {name} | {mode} | {c} | {fmt(r['out_tok_per_s'])} | {fmt(r['req_per_s'])} | "
                       f"{fmt(r['ttft_ms_p50'])} / {fmt(r['ttft_ms_p99'])} | {fmt(r['itl_ms_p50'])} / "
                       f"{fmt(r['itl_ms_p99'])} | {r['errors']} |")
+    if not modes:  # only the long-prompt / shared-prefix cells ran
+        grid = []
     print("\ntok/s, " + " / ".join(modes) + ", side by side:")
     print("| server | " + " | ".join(f"c={c}" for c in grid) + " |")
     print("|---|" + "---|" * len(grid))

@@ -140,6 +140,8 @@ class LLMEngine:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
                     self.last_progress = time.monotonic()
+                    if self.cache.warm_ahead():  # one slice, then look at the inbox again
+                        continue
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue

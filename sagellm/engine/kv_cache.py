@@ -21,6 +21,14 @@ def block_keys(token_ids: list[int], block_size: int, limit: int, keys: list[Blo
     return keys
 
 
+# The never-used cache kept touched ahead of the blocks handed out (PagedKVCache.warm_ahead):
+# a 2,000-token prompt of the bundled model takes 46 MB; each idle slice zeroes whole blocks of
+# up to WARM_SLICE_BYTES (a few ms of page faults), so a request arriving meanwhile waits at most
+# that long.
+WARM_AHEAD_BYTES = 128 << 20
+WARM_SLICE_BYTES = 4 << 20
+
+
 class BlockAllocator:
     """Hands out blocks and, with prefix caching, keeps the contents of freed full blocks findable
     by their key until the space is needed (least recently freed first), so a request that
@@ -63,6 +71,11 @@ class BlockAllocator:
         if blocks:
             self._high_water = max(self._high_water, max(blocks) + 1)
         return blocks
+
+    @property
+    def high_water(self) -> int:
+        """One past the highest block ever handed out: blocks from here on were never used."""
+        return self._high_water
 
     def take_fresh(self) -> list[int]:
         fresh, self.fresh = self.fresh, []
@@ -120,6 +133,11 @@ class PagedKVCache:
         self.keys = list(self._store[0])
         self.values = list(self._store[1])
         self.allocator = BlockAllocator(num_blocks, prefix_caching)
+        # Blocks below this index have had their pages touched (warm_ahead, or handed out).
+        self._warm = 0
+        bytes_per_block = self._store[:, :, :, :block_size].numel() * self._store.element_size()
+        self._warm_ahead = -(-WARM_AHEAD_BYTES // bytes_per_block)
+        self._warm_slice = max(1, WARM_SLICE_BYTES // bytes_per_block)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -128,6 +146,22 @@ class PagedKVCache:
     def zero_blocks(self, blocks: torch.Tensor) -> None:
         store = self._store
         store.view(-1, self.num_blocks, self.block_size, store.shape[-1])[:, blocks] = 0
+
+    def warm_ahead(self) -> bool:
+        """Zero the next few never-used blocks past those handed out, up to WARM_AHEAD_BYTES
+        ahead; False when there is nothing to do. Called while the engine is idle, a slice at a
+        time: a page's first touch costs a fault (46 MB of never-used cache, a 2,000-token
+        prompt's blocks: ~75 ms of faults against 1.7 ms to zero them again), which a request
+        then no longer pays inside its first forward pass."""
+        if self._store.device.type != "cpu":  # GPU memory is resident once allocated
+            return False
+        self._warm = max(self._warm, self.allocator.high_water)
+        end = min(self._warm + self._warm_slice, self.allocator.high_water + self._warm_ahead, self.num_blocks)
+        if end <= self._warm:
+            return False
+        self.zero_blocks(torch.arange(self._warm, end))
+        self._warm = end
+        return True
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -41,6 +41,23 @@ def test_flash_prefill_equals_float32_attention(ops, heads, kv_heads, head_dim, 
     torch.testing.assert_close(got.float(), _reference(q, k, v, ctx, 0.125), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("ramp", [40.0, -40.0])
+def test_flash_prefill_follows_a_maximum_that_moves_far(ops, ramp):
+    """Scores that climb (or fall) by `ramp` nats across the keys: each row's running maximum is
+    passed by more than the kernel's lazy margin (2^8) again and again (climbing) or set by the
+    first tile with the rest underflowing toward 0 (falling); the output still equals float32's."""
+    g = torch.Generator().manual_seed(11)
+    ctx, t, kv_heads, d = 700, 150, 3, 64
+    q = torch.randn(t, 9, d, generator=g) * 0.3 + 1.0
+    pos = torch.linspace(0, 1, ctx + t)[None, :, None]
+    # q . k = 0.125 * d * ramp * pos / 8 = ramp * pos plus noise: a trend of `ramp` nats over the keys
+    k = torch.randn(kv_heads, ctx + t, d, generator=g) * 0.3 + ramp * pos / 8
+    v = torch.randn(kv_heads, ctx + t, d, generator=g)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    got = ops.flash_prefill_attention(q, k, v, ctx, 0.125)
+    torch.testing.assert_close(got.float(), _reference(q, k, v, ctx, 0.125), atol=1e-2, rtol=1e-2)
+
+
 def test_flash_prefill_reads_the_paged_cache_through_slots(ops):
     g = torch.Generator().manual_seed(7)
     ctx, t, kv_heads, d = 200, 50, 3, 64

@@ -1,10 +1,13 @@
-"""The block allocator's prefix cache: keys, sharing, reference counts and eviction."""
+"""The block allocator's prefix cache: keys, sharing, reference counts and eviction; the cache's
+never-used blocks zeroed ahead of use while the engine is idle."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from sagellm.engine.kv_cache import BlockAllocator, block_keys
+from sagellm.engine import kv_cache
+from sagellm.engine.kv_cache import BlockAllocator, PagedKVCache, block_keys
 
 
 def test_keys_cover_full_blocks_and_chain_the_prefix():
@@ -65,3 +68,30 @@ def test_a_prefix_already_cached_keeps_its_block_and_caching_off_registers_nothi
     off.register(b[0], key)
     off.free(b)
     assert off.match([key]) == [] and off.num_free == 2
+
+
+def test_warm_ahead_zeroes_never_used_blocks_a_slice_at_a_time_up_to_its_bound(monkeypatch):
+    # 2 layers x 2 kv heads x 4 dims x 2 (k, v) x 4 bytes = 128 bytes a token, 512 a block of 4
+    monkeypatch.setattr(kv_cache, "WARM_AHEAD_BYTES", 5 * 512)
+    monkeypatch.setattr(kv_cache, "WARM_SLICE_BYTES", 2 * 512)
+    cache = PagedKVCache(2, 16, 4, 2, 4, torch.float32)
+    cache._store.fill_(float("nan"))  # what never-touched memory may hold
+
+    def zeroed() -> list[bool]:
+        return [bool((cache._store.view(-1, 16, 4, 4)[:, b] == 0).all()) for b in range(16)]
+
+    slices = 0
+    while cache.warm_ahead():
+        slices += 1
+    assert slices == 3 and zeroed() == [True] * 5 + [False] * 11  # 2 + 2 + 1 blocks, then done
+    cache.allocator.allocate(6)  # blocks 0-5 handed out (5 unzeroed: the runner zeroes it), bound 6 + 5
+    while cache.warm_ahead():
+        slices += 1
+    assert zeroed() == [True] * 5 + [False] + [True] * 5 + [False] * 5
+    # Blocks handed out are not zeroed again here (the runner zeroes fresh blocks before use).
+    cache._store.view(-1, 16, 4, 4)[:, 0] = 7.0
+    assert not cache.warm_ahead() and bool((cache._store.view(-1, 16, 4, 4)[:, 0] == 7.0).all())
+    cache.allocator.allocate(8)  # blocks 6-13: the bound, 14 + 5, lies past the cache's end
+    while cache.warm_ahead():
+        slices += 1
+    assert zeroed()[14:] == [True, True]
