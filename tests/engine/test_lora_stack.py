@@ -163,3 +163,14 @@ def test_an_adapter_on_every_row(fused, request):
     a_q, b_q = w.modules[(0, "self_attn.q_proj")]
     got = step.apply(y.clone(), x, 0, lora_stack.QKV)
     torch.testing.assert_close(got[:, :Q], y[:, :Q] + x @ a_q @ b_q)
+
+
+def test_a_long_prefill_split_over_threads_equals_each_adapter_alone(kernels):
+    # 640 rows: lora_add's work is above the size it keeps on the calling thread (kInlineWork).
+    adapters = [weights("all", 16, list(SIZES), [0, 1], 6, torch.float32),
+                weights("attn", 8, ["self_attn.q_proj", "self_attn.o_proj"], [0, 1], 7, torch.float32)]
+    t = 640
+    rows = [torch.arange(0, 400), torch.arange(401, t)]  # row 400: the base model's
+    batch = LoraBatch([LoraGroup(w, r) for w, r in zip(adapters, rows)], tuple(adapters))
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, kernels)
+    check(stacks.for_step(batch, t, torch.float32), batch, t, torch.float32, [400])
