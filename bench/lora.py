@@ -3,7 +3,7 @@
 requests on the base model only, against the same requests spread over 4 adapters (rank 16,
 all seven projections), alternating rounds in one run so the machine's load hits both alike.
 
-    python bench/lora.py [--concurrency 16] [--tokens 64] [--rounds 3] [--dtype bfloat16]
+    python bench/lora.py [--concurrency 16] [--tokens 64] [--rounds 3] [--dtype bfloat16] [--engine sagellm]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--engine", default="sagellm", choices=["sagellm", "vllm"])
     args = ap.parse_args()
     SPECS["gamma2"] = SPECS["gamma"]
     SPECS["gamma3"] = SPECS["gamma"]
@@ -40,7 +41,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp())
     base = str(bundled.bundled_model_dir(None))
     adapters = tuple((n, make_adapter(base, n, out, i).path) for i, n in enumerate(names))
-    client = build_engine(Settings(dtype=args.dtype, lora_adapters=adapters, max_loras=4))
+    client = build_engine(Settings(engine=args.engine, dtype=args.dtype, lora_adapters=adapters, max_loras=4))
     prompt = client.tokenize("Write a long story about a lighthouse keeper and the sea. " * 4)
 
     def run(adapter: str | None) -> int:
@@ -61,7 +62,7 @@ def main() -> None:
     for b, lo in zip(base_rates, lora_rates):
         print(f"base {b:7.1f} tok/s   4 adapters {lo:7.1f} tok/s   ratio {lo / b:.2f}")
     print(f"median ratio {sorted(lo / b for b, lo in zip(base_rates, lora_rates))[args.rounds // 2]:.2f} "
-          f"(c={args.concurrency}, {args.tokens} tokens, {args.dtype})")
+          f"(c={args.concurrency}, {args.tokens} tokens, {args.dtype}, {args.engine})")
     client.shutdown()
 
 

@@ -68,7 +68,9 @@ class LLMEngine:
             tp_group.send(("cache", cache_shape))
         nb, bs, layers, kvh, hd, dt = cache_shape
         self.cache = PagedKVCache(layers, nb, bs, kvh, hd, dt, device, prefix_caching=config.prefix_caching)
-        self.runner = ModelRunner(model, self.cache, device, tp_group)
+        self.runner = ModelRunner(model, self.cache, device, tp_group, adapters)
+        if adapters is not None:  # the configured adapters' stack, before the first request needs it
+            model.prepare_lora(adapters.resident_weights())
         self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens,
                                    chunk_align=QUERY_BLOCK if model.batch_invariant else 1)
         self._inbox: deque[Sequence] = deque()

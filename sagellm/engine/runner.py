@@ -52,8 +52,10 @@ class PromptLogprobRows:
 
 class ModelRunner:
     def __init__(self, model: ModelForward, cache: PagedKVCache, device: torch.device | str = "cpu",
-                 tp_group=None):
+                 tp_group=None, adapters=None):
+        """adapters: the engine's sagellm.engine.adapters.AdapterRegistry, or None (LoRA serving off)."""
         self.model = model
+        self.adapters = adapters
         self.cache = cache
         self.device = torch.device(device)
         self.block_size = cache.block_size
@@ -115,7 +117,7 @@ class ModelRunner:
                     prompt_rows.append(PromptLogprobRows(seq, start, count))
                     extra_rows.extend(range(q_start, q_start + count))
 
-        lora = _lora_batch(batch, len(tokens))
+        lora = _lora_batch(batch, len(tokens), self.adapters)
         # Sampled rows first, so logits[:num_sampled] is what the sampler reads.
         keep = logit_rows + extra_rows or [len(tokens) - 1]  # the model wants at least one row
         fresh = self.cache.allocator.take_fresh()
@@ -142,7 +144,8 @@ class ModelRunner:
                             decode_blocks=to(step.decode_blocks), decode_bias=to(step.decode_bias),
                             prefills=prefills, decode_lens=to(step.decode_lens), kernels=self.kernels,
                             batch_invariant=self.model.batch_invariant)
-        lora = None if step.lora is None else LoraBatch([LoraGroup(g.weights, to(g.rows)) for g in step.lora.groups])
+        lora = None if step.lora is None else LoraBatch([LoraGroup(g.weights, to(g.rows)) for g in step.lora.groups],
+                                                           step.lora.resident)
         logits = self.model(to(step.input_ids), to(step.position_ids), to(step.keep), meta, lora)
         return logits[:step.num_sampled + step.num_prompt_logprobs]
 
@@ -167,9 +170,9 @@ class ModelRunner:
         return logits, prompt_rows
 
 
-def _lora_batch(batch: ScheduledBatch, num_tokens: int) -> LoraBatch | None:
+def _lora_batch(batch: ScheduledBatch, num_tokens: int, adapters) -> LoraBatch | None:
     """Which rows of the packed step (decode tokens, then each prefill chunk's) run with which
-    adapter; None when no sequence has one."""
+    adapter, and which adapters are resident; None when no sequence has one."""
     if all(seq.lora is None for seq in batch.decodes) and all(seq.lora is None for seq, _ in batch.prefills):
         return None
     rows: dict[int, tuple[object, list[int]]] = {}
@@ -182,4 +185,4 @@ def _lora_batch(batch: ScheduledBatch, num_tokens: int) -> LoraBatch | None:
             rows.setdefault(seq.lora.uid, (seq.lora, []))[1].extend(range(start, start + n))
         start += n
     return LoraBatch([LoraGroup(w, None if len(r) == num_tokens else torch.tensor(r, dtype=torch.long))
-                      for w, r in rows.values()])
+                      for w, r in rows.values()], adapters.resident_weights() if adapters is not None else ())

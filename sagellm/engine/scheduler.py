@@ -1,7 +1,8 @@
 """Chooses each step's work: every running decode, prefill chunks within the token budget, and
 new requests while KV blocks last. Preempts (and later recomputes) the newest sequence rather
 than running out of cache. With prefix caching, a new sequence starts from the cached blocks
-that hold the longest prefix of its tokens."""
+that hold the longest prefix of its tokens, and one whose next block another prompt computes in
+this step waits for it."""
 
 from __future__ import annotations
 
@@ -94,10 +95,20 @@ class Scheduler:
                 batch.prefills.append((seq, want))
                 budget -= want
                 rows -= want if seq.params.prompt_logprobs else 0
-        # Admit new sequences in arrival order while there is room.
+        # Admit new sequences in arrival order while there is room. One whose next uncached block
+        # another prefill of this step computes waits a step and then takes it from the cache.
+        pending = None
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             self._reuse_prefix(seq)
+            if seq.block_keys and self.cache.allocator.prefix_caching and not seq.params.prompt_logprobs:
+                pending = self._completed_keys(batch.prefills) if pending is None else pending
+                if len(seq.block_table) < len(seq.block_keys) and seq.block_keys[len(seq.block_table)] in pending:
+                    self._release(seq)
+                    seq.num_computed = 0
+                    deferred.append(self.waiting.popleft())
+                    continue
             want = chunk(seq, budget)
             if want == 0 or (self.cache.blocks_needed(seq.num_computed + want) - len(seq.block_table)
                              > self.cache.allocator.num_free):
@@ -117,7 +128,24 @@ class Scheduler:
             batch.prefills.append((seq, want))
             budget -= want
             rows -= want if seq.params.prompt_logprobs else 0
+            if pending is not None:
+                pending.update(self._completed_keys([(seq, want)]))
+        self.waiting.extendleft(reversed(deferred))  # ahead of later arrivals, in their order
         return batch
+
+    def _completed_keys(self, prefills: list[tuple[Sequence, int]]) -> set:
+        """The prefix-cache keys of the whole blocks these prefill chunks complete this step.
+        Measured (bench/lora.py, 16 requests on 4 adapters arriving at once): without waiting for
+        them, the 12 requests behind each adapter's first all computed the same prompt in one
+        step (512 tokens, 0.85 s), where their blocks were one step away."""
+        bs = self.cache.block_size
+        keys = set()
+        for seq, n in prefills:
+            full = (seq.num_computed + n) // bs
+            if full > seq.num_computed // bs:
+                seq.block_keys = block_keys(seq.all_ids, bs, full * bs, seq.block_keys, seq.cache_root)
+                keys.update(seq.block_keys[seq.num_computed // bs:full])
+        return keys
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a waiting sequence from the cached blocks holding the longest prefix of its tokens.

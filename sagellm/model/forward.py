@@ -23,6 +23,11 @@ class ModelForward:
     # one rotary table, one prefill attention path); the scheduler aligns prompt chunks to match.
     batch_invariant: bool = False
 
+    def prepare_lora(self, resident) -> None:
+        """Stack the resident LoRA adapters (sagellm.model.lora.LoraWeights) ahead of the first step."""
+        if self.fast is not None:
+            self.fast.lora_stacks.prepare(resident)
+
     @property
     def config(self):
         return self.module.config

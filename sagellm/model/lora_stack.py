@@ -21,7 +21,12 @@ With the fused CPU kernels, torch.ops.sagellm.lora_add (csrc/lora.cpp) does both
 row reading only its own adapter's columns and output ranges: measured in a served step, the
 oneDNN calls above cost 40-130 us each, mostly per-call overhead (docs/performance.md).
 
-A stack depends only on which adapters are in the step; LoraStacks keeps the last few built.
+With the fused kernel, where a row reads only its own adapter's columns, one stack holds every
+resident adapter (the step's LoraBatch.resident) and serves every step until that set changes: built
+per distinct set of adapters in a step instead, a burst of requests on 4 adapters built a stack for
+each set they arrived in, 23-70 ms each (bench/lora.py). With the masked matmuls, where every
+stacked column costs compute on every row, a stack holds the step's adapters only. LoraStacks keeps
+the last few built.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 QKV, O, GATE_UP, DOWN = range(len(GROUPS))
 CACHED = 4  # stacks kept (distinct sets of adapters in a step); each holds a copy of its adapters
+CACHED_RESIDENT = 2  # the same, for stacks of the resident adapters (the last set, and the one before)
 
 
 class _Matrix:
@@ -145,7 +151,7 @@ class StackedLora:
 
 
 class LoraStacks:
-    """The last CACHED stacks built, by the set of adapters (their load uids)."""
+    """The last stacks built, by the set of adapters (their load uids)."""
 
     def __init__(self, num_layers: int, group_outs: tuple[tuple[int, ...], ...], kernels=None):
         self.num_layers, self.group_outs = num_layers, group_outs
@@ -154,22 +160,36 @@ class LoraStacks:
         self.kernels = kernels if fits and kernels is not None and hasattr(kernels, "lora_add") else None
         self._cache: OrderedDict[tuple[int, ...], LoraStack] = OrderedDict()
 
-    def for_step(self, lora, num_rows: int, dtype: torch.dtype) -> StackedLora:
-        """lora: the step's sagellm.model.lora_step.LoraBatch (adapters and their rows)."""
-        groups = sorted(lora.groups, key=lambda g: g.weights.uid)  # one key whatever the row order
-        key = tuple(g.weights.uid for g in groups)
+    def _stack(self, adapters: list) -> LoraStack:
+        """The stack of `adapters` (sorted by uid), built if not kept."""
+        key = tuple(w.uid for w in adapters)
         stack = self._cache.get(key)
         if stack is None:
-            stack = LoraStack([g.weights for g in groups], self.num_layers, self.group_outs, self.kernels)
+            stack = LoraStack(adapters, self.num_layers, self.group_outs, self.kernels)
             self._cache[key] = stack
-            while len(self._cache) > CACHED:
+            while len(self._cache) > (CACHED_RESIDENT if self.kernels is not None else CACHED):
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
+        return stack
+
+    def prepare(self, resident) -> None:
+        """Build, ahead of the first step naming them, the stack of the resident adapters (with the
+        fused kernel: the stack every step uses while they stay resident)."""
+        if self.kernels is not None and resident:
+            self._stack(sorted(resident, key=lambda w: w.uid))
+
+    def for_step(self, lora, num_rows: int, dtype: torch.dtype) -> StackedLora:
+        """lora: the step's sagellm.model.lora_step.LoraBatch (adapters, their rows, the resident ones)."""
+        adapters = {g.weights.uid: g.weights for g in lora.groups}
+        if self.kernels is not None:  # every resident adapter too: one stack for any subset of them
+            adapters.update((w.uid, w) for w in lora.resident)
+        stack = self._stack(sorted(adapters.values(), key=lambda w: w.uid))
+        index = {uid: i for i, uid in enumerate(stack.uids)}
         device = stack.owners[0].device if stack.owners else None
         row_adapter = torch.full((num_rows,), -1, dtype=torch.long, device=device)
-        for i, g in enumerate(groups):
+        for g in lora.groups:
             if g.rows is None:
-                row_adapter.fill_(i)
+                row_adapter.fill_(index[g.weights.uid])
             else:
-                row_adapter[g.rows] = i
+                row_adapter[g.rows] = index[g.weights.uid]
         return StackedLora(stack, row_adapter, dtype)

@@ -28,8 +28,11 @@ class LoraGroup:
 class LoraBatch:
     """This step's adapters and their rows; empty for a base-only step (then add() does nothing)."""
 
-    def __init__(self, groups: list[LoraGroup]):
+    def __init__(self, groups: list[LoraGroup], resident: tuple[LoraWeights, ...] = ()):
+        """resident: the adapters resident when the step was prepared (the step's among them, barring a
+        race); the lean decoder stacks them all, so one stack serves every step while they stay."""
         self.groups = groups
+        self.resident = resident
 
     def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, proj: str) -> None:
         """y [T, out] (a view is fine) += each group's x[rows] @ A @ B on its rows; x [T, in]."""

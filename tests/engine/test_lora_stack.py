@@ -52,6 +52,71 @@ def kernels():
     return ops
 
 
+def check(step: lora_stack.StackedLora, batch: LoraBatch, t: int, dtype, base_rows: list[int]) -> None:
+    """Every (layer, group) of `step` adds what each of batch's adapters alone adds in fp32 to its
+    rows, and nothing to the base model's rows."""
+    reference = LoraBatch([LoraGroup(in_fp32(g.weights), g.rows) for g in batch.groups])
+    gen = torch.Generator().manual_seed(0)
+    applied = 0
+    for layer in range(LAYERS):
+        for g, outs in enumerate(OUTS):
+            d_in = SIZES[lora_stack.GROUPS[g][0]][0]
+            x = torch.randn(t, d_in, generator=gen).to(dtype)
+            y = torch.randn(t, sum(outs), generator=gen).to(dtype)
+            want = grouped(reference, y.float(), x.float(), layer, g)
+            got = step.apply(y.clone(), x, layer, g)
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+            else:  # the reference in fp32 on the same bf16 inputs: within bf16 rounding of s and y
+                torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.6)
+            for base_row in base_rows:
+                assert torch.equal(got[base_row], y[base_row]), (layer, g)
+            applied += not torch.equal(got, y)
+    assert applied > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_stack_of_the_resident_adapters_serves_every_subset_of_them(dtype, kernels):
+    resident = [weights("attn", 4, ["self_attn.q_proj", "self_attn.v_proj"], [0, 1], 1, dtype),
+                weights("all", 16, list(SIZES), [0, 1], 2, dtype),
+                weights("mlp-layer1", 8, ["mlp.gate_proj", "mlp.down_proj"], [1], 3, dtype)]
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, kernels)
+    stacks.prepare(resident)  # at start-up, before any step
+    (prepared,) = stacks._cache.values()
+    t = 6
+    for rows in ({2: [1, 4]}, {0: [0], 2: [3, 5]}, {1: [5], 0: [2, 3], 2: [0]}, {1: None}):
+        batch = LoraBatch([LoraGroup(resident[i], None if r is None else torch.tensor(r)) for i, r in rows.items()],
+                          tuple(resident))
+        step = stacks.for_step(batch, t, dtype)
+        assert step.stack is prepared and len(stacks._cache) == 1  # nothing built for a subset
+        check(step, batch, t, dtype, [i for i in range(t) if all(r is not None and i not in r for r in rows.values())])
+    # An adapter loaded, another unloaded: one new stack of the new resident set.
+    loaded = weights("all-b", 8, list(SIZES), [0, 1], 4, dtype)
+    now = (resident[1], resident[2], loaded)
+    batch = LoraBatch([LoraGroup(loaded, torch.tensor([0, 1])), LoraGroup(resident[1], torch.tensor([4]))], now)
+    step = stacks.for_step(batch, t, dtype)
+    assert step.stack.uids == tuple(sorted(w.uid for w in now))
+    check(step, batch, t, dtype, [2, 3, 5])
+    assert stacks.for_step(LoraBatch([LoraGroup(resident[2], None)], now), 2, dtype).stack is step.stack
+    # A step naming an adapter missing from its resident snapshot (swapped out since) still has it.
+    batch = LoraBatch([LoraGroup(resident[0], torch.tensor([1])), LoraGroup(loaded, torch.tensor([2]))], now)
+    step = stacks.for_step(batch, t, dtype)
+    assert resident[0].uid in step.stack.uids
+    check(step, batch, t, dtype, [0, 3, 4, 5])
+
+
+def test_matmuls_stack_the_steps_adapters_only():
+    # Masked matmuls spend compute on every stacked column of every row: no resident extras.
+    resident = [weights(f"all{i}", 4, list(SIZES), [0, 1], i, torch.float32) for i in range(3)]
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, None)
+    stacks.prepare(resident)
+    assert not stacks._cache
+    batch = LoraBatch([LoraGroup(resident[1], torch.tensor([1]))], tuple(resident))
+    step = stacks.for_step(batch, 3, torch.float32)
+    assert step.stack.uids == (resident[1].uid,)
+    check(step, batch, 3, torch.float32, [0, 2])
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stacked_equals_each_adapter_on_its_rows(dtype, fused, request):
@@ -98,3 +163,14 @@ def test_an_adapter_on_every_row(fused, request):
     a_q, b_q = w.modules[(0, "self_attn.q_proj")]
     got = step.apply(y.clone(), x, 0, lora_stack.QKV)
     torch.testing.assert_close(got[:, :Q], y[:, :Q] + x @ a_q @ b_q)
+
+
+def test_a_long_prefill_split_over_threads_equals_each_adapter_alone(kernels):
+    # 640 rows: lora_add's work is above the size it keeps on the calling thread (kInlineWork).
+    adapters = [weights("all", 16, list(SIZES), [0, 1], 6, torch.float32),
+                weights("attn", 8, ["self_attn.q_proj", "self_attn.o_proj"], [0, 1], 7, torch.float32)]
+    t = 640
+    rows = [torch.arange(0, 400), torch.arange(401, t)]  # row 400: the base model's
+    batch = LoraBatch([LoraGroup(w, r) for w, r in zip(adapters, rows)], tuple(adapters))
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, kernels)
+    check(stacks.for_step(batch, t, torch.float32), batch, t, torch.float32, [400])
