@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -170,13 +171,14 @@ SAGELLM_BF16_TARGET void qk_softmax_tile(const bf16* const* q, const bf16* kb, i
   }
 }
 
-// o[r][d0 .. d0 + 64) += p_r . v for R rows over one 64-key block (32 key pairs).
+// o[r][d0 .. d0 + 64) += p_r . v for R rows over the first `pairs` key pairs of one 64-key block
+// (the rest of p is 0 for all R rows: adding 0 . v changes no sum, so they are skipped).
 template <int R>
-SAGELLM_BF16_TARGET void pv_tile(const bf16* p, const bf16* vb, int64_t dim, int64_t d0, float* o) {
+SAGELLM_BF16_TARGET void pv_tile(const bf16* p, const bf16* vb, int64_t dim, int64_t d0, float* o, int64_t pairs) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_loadu_ps(o + r * dim + d0 + 16 * c);
-  for (int64_t kp = 0; kp < KEY_BLOCK / 2; ++kp) {
+  for (int64_t kp = 0; kp < pairs; ++kp) {
     const bf16* vrow = vb + kp * dim * 2 + d0 * 2;
     __m512bh vv[4];
     for (int c = 0; c < 4; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vrow + 32 * c);
@@ -189,11 +191,19 @@ SAGELLM_BF16_TARGET void pv_tile(const bf16* p, const bf16* vb, int64_t dim, int
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + r * dim + d0 + 16 * c, acc[r][c]);
 }
 
-SAGELLM_BF16_TARGET void pv_block(const bf16* p, int64_t rows, const bf16* vb, int64_t dim, float* o) {
+// Key pairs the rows up to `last` see of a block: vis grows with the row, so the last row's count
+// bounds a tile's (a diagonal block's first rows see half of it or less).
+inline int64_t seen_pairs(const int64_t* vis, int64_t last) {
+  return std::clamp<int64_t>((vis[last] + 1) / 2, 0, KEY_BLOCK / 2);
+}
+
+SAGELLM_BF16_TARGET void pv_block(const bf16* p, int64_t rows, const bf16* vb, int64_t dim, float* o,
+                                  const int64_t* vis) {
   for (int64_t d0 = 0; d0 < dim; d0 += 64) {
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) pv_tile<4>(p + r * KEY_BLOCK, vb, dim, d0, o + r * dim);
-    for (; r < rows; ++r) pv_tile<1>(p + r * KEY_BLOCK, vb, dim, d0, o + r * dim);  // shapes other than 3 x 32 rows
+    for (; r + 4 <= rows; r += 4) pv_tile<4>(p + r * KEY_BLOCK, vb, dim, d0, o + r * dim, seen_pairs(vis, r + 3));
+    for (; r < rows; ++r)  // shapes other than 3 x 32 rows
+      pv_tile<1>(p + r * KEY_BLOCK, vb, dim, d0, o + r * dim, seen_pairs(vis, r));
   }
 }
 
@@ -238,7 +248,7 @@ SAGELLM_BF16_TARGET void attend_block(const Shape& sh, const bf16* q, const bf16
       tile(w.qrows.data() + r, kb, dim / 2, c, w.vis.data() + r, st, r, w.p.data() + r * KEY_BLOCK);
       r += n;
     }
-    pv_block(w.p.data(), rows, vp + b * KEY_BLOCK * dim, dim, w.o.data());
+    pv_block(w.p.data(), rows, vp + b * KEY_BLOCK * dim, dim, w.o.data(), w.vis.data());
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r / sh.group, g = r % sh.group;
