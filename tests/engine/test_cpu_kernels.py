@@ -234,3 +234,20 @@ def test_softcap_tanh_is_accurate_over_its_whole_range(ops):
     probs = ops.causal_softmax(scores, 1.0, 1, 1, 0, 1.0)
     want = torch.sigmoid(torch.tanh(x.double()))
     torch.testing.assert_close(probs[:, 0].double(), want, atol=2e-7, rtol=0)
+
+
+def test_build_key_covers_every_source_and_header(tmp_path, monkeypatch):
+    # Every file in csrc/ is compiled or included: each must be in SOURCES or HEADERS, so that a
+    # change to any of them (a header's too) names a new build instead of loading a stale one.
+    listed = {p.name for p in cpu_kernels.SOURCES + cpu_kernels.HEADERS}
+    assert listed == {p.name for p in cpu_kernels.CSRC.iterdir() if p.suffix in (".cpp", ".h")}
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    for p in cpu_kernels.SOURCES + cpu_kernels.HEADERS:
+        (csrc / p.name).write_bytes(p.read_bytes())
+    monkeypatch.setattr(cpu_kernels, "SOURCES", tuple(csrc / p.name for p in cpu_kernels.SOURCES))
+    monkeypatch.setattr(cpu_kernels, "HEADERS", tuple(csrc / p.name for p in cpu_kernels.HEADERS))
+    before = cpu_kernels.library_path(tmp_path)
+    with open(csrc / "flash_softmax.h", "a") as f:
+        f.write("\n")
+    assert cpu_kernels.library_path(tmp_path) != before
