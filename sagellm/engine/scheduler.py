@@ -93,6 +93,7 @@ class Scheduler:
                 batch.decodes.append(seq)
             else:
                 batch.prefills.append((seq, want))
+                self._store_block_keys(seq, seq.num_computed + want)
                 budget -= want
                 rows -= want if seq.params.prompt_logprobs else 0
         # Admit new sequences in arrival order while there is room. One whose next uncached block
@@ -126,6 +127,7 @@ class Scheduler:
                 seq.queue_s = time.monotonic() - seq.arrival
             self.running.append(seq)
             batch.prefills.append((seq, want))
+            self._store_block_keys(seq, seq.num_computed + want)
             budget -= want
             rows -= want if seq.params.prompt_logprobs else 0
             if pending is not None:
@@ -134,18 +136,23 @@ class Scheduler:
         return batch
 
     def _completed_keys(self, prefills: list[tuple[Sequence, int]]) -> set:
-        """The prefix-cache keys of the whole blocks these prefill chunks complete this step.
-        Measured (bench/lora.py, 16 requests on 4 adapters arriving at once): without waiting for
-        them, the 12 requests behind each adapter's first all computed the same prompt in one
-        step (512 tokens, 0.85 s), where their blocks were one step away."""
+        """The prefix-cache keys of the whole blocks these prefill chunks complete this step, as
+        stored when schedule() added each chunk. Measured (bench/lora.py, 16 requests on 4 adapters
+        arriving at once): without waiting for them, the 12 requests behind each adapter's first
+        all computed the same prompt in one step (512 tokens, 0.85 s), where their blocks were one
+        step away."""
         bs = self.cache.block_size
         keys = set()
         for seq, n in prefills:
             full = (seq.num_computed + n) // bs
-            if full > seq.num_computed // bs:
-                seq.block_keys = block_keys(seq.all_ids, bs, full * bs, seq.block_keys, seq.cache_root)
-                keys.update(seq.block_keys[seq.num_computed // bs:full])
+            keys.update(seq.block_keys[seq.num_computed // bs:full])
         return keys
+
+    def _store_block_keys(self, seq: Sequence, num_tokens: int) -> None:
+        """With prefix caching, store in seq.block_keys the keys of the full blocks among its first
+        `num_tokens` tokens; each block's key is computed once (a key hashes the one before it)."""
+        if self.cache.allocator.prefix_caching and num_tokens // self.cache.block_size > len(seq.block_keys):
+            seq.block_keys = block_keys(seq.all_ids, self.cache.block_size, num_tokens, seq.block_keys, seq.cache_root)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a waiting sequence from the cached blocks holding the longest prefix of its tokens.
@@ -156,7 +163,7 @@ class Scheduler:
             return
         bs = self.cache.block_size
         usable = (seq.num_tokens - 1) // bs
-        seq.block_keys = block_keys(seq.all_ids, bs, usable * bs, seq.block_keys, seq.cache_root)
+        self._store_block_keys(seq, usable * bs)
         seq.block_table = alloc.match(seq.block_keys[:usable])
         keep = len(seq.block_table) - len(seq.block_table) * bs % self.chunk_align // bs
         if keep < len(seq.block_table):  # BATCH_INVARIANT: the prompt resumes on a chunk boundary
@@ -174,7 +181,7 @@ class Scheduler:
         for seq in seqs:
             full = min(seq.num_computed // bs, len(seq.block_table))
             if full > seq.num_registered:
-                seq.block_keys = block_keys(seq.all_ids, bs, full * bs, seq.block_keys, seq.cache_root)
+                self._store_block_keys(seq, full * bs)
                 for i in range(seq.num_registered, full):
                     alloc.register(seq.block_table[i], seq.block_keys[i])
                 seq.num_registered = full
