@@ -33,6 +33,9 @@ class AdapterRegistry:
         self._reserved = reserved
         self._folders: dict[str, str] = {}
         self._resident: OrderedDict[str, LoraWeights] = OrderedDict()  # least recently used first
+        # The resident adapters by uid, replaced (never changed) whenever that set changes: each
+        # LoRA step reads it without the lock, and a new tuple tells the model to restack.
+        self._resident_weights: tuple[LoraWeights, ...] = ()
         self._running: dict[str, int] = {}
         self._removing: set[str] = set()
         self._cond = threading.Condition()
@@ -46,8 +49,8 @@ class AdapterRegistry:
             return tuple(self._resident)
 
     def resident_weights(self) -> tuple[LoraWeights, ...]:
-        with self._cond:
-            return tuple(self._resident.values())
+        """The resident adapters, sorted by uid: the same tuple until one is loaded or dropped."""
+        return self._resident_weights
 
     def running(self) -> dict[str, int]:
         with self._cond:
@@ -69,6 +72,7 @@ class AdapterRegistry:
             self._folders[name] = folder
             if self._make_room():
                 self._resident[name] = weights
+                self._resident_changed()
         log.info("LoRA adapter %s registered from %s (rank %d, %s)", name, folder, weights.rank,
                  ", ".join(weights.targets))
         return weights
@@ -84,7 +88,8 @@ class AdapterRegistry:
                 raise Unavailable(f"adapter `{name}` still has requests running after {WAIT_S:.0f}s; not removed")
             self._removing.discard(name)
             del self._folders[name]
-            self._resident.pop(name, None)
+            if self._resident.pop(name, None) is not None:
+                self._resident_changed()
             self._running.pop(name, None)
             self._cond.notify_all()
         log.info("LoRA adapter %s unregistered", name)
@@ -105,6 +110,7 @@ class AdapterRegistry:
                 except AdapterError as exc:
                     raise Unavailable(f"adapter `{name}` could not be read back in: {exc.message}") from None
                 self._resident[name] = weights
+                self._resident_changed()
                 log.info("LoRA adapter %s swapped in", name)
             self._resident.move_to_end(name)
             self._running[name] = self._running.get(name, 0) + 1
@@ -124,8 +130,13 @@ class AdapterRegistry:
         if idle is None:
             return False
         del self._resident[idle]
+        self._resident_changed()
         log.info("LoRA adapter %s swapped out (MAX_LORAS=%d)", idle, self.max_loras)
         return True
+
+    def _resident_changed(self) -> None:
+        """(lock held) A new snapshot of the resident set."""
+        self._resident_weights = tuple(sorted(self._resident.values(), key=lambda w: w.uid))
 
 
 def configured_registry(read: Callable[[str, str], LoraWeights], max_loras: int | None, reserved: tuple[str, ...],

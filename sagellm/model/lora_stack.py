@@ -84,6 +84,7 @@ class LoraStack:
         """group_outs[g]: the output width of each part of GROUPS[g] (q, k, v sizes...);
         kernels: torch.ops.sagellm (lora_add), or None: oneDNN / torch matmuls."""
         self.uids = tuple(w.uid for w in adapters)
+        self.index = {uid: i for i, uid in enumerate(self.uids)}  # uid -> its adapter's index
         layouts: dict[tuple[int, ...], int] = {}  # column owners (adapter index per column) -> id
         self.entries: dict[tuple[int, int], tuple[object, object, int]] = {}
         for layer in range(num_layers):
@@ -159,6 +160,10 @@ class LoraStacks:
         fits = all(w % 16 == 0 for outs in group_outs for w in outs)
         self.kernels = kernels if fits and kernels is not None and hasattr(kernels, "lora_add") else None
         self._cache: OrderedDict[tuple[int, ...], LoraStack] = OrderedDict()
+        # With the fused kernel: the resident set last seen (the registry's snapshot, a new tuple
+        # only when the set changes) and its stack, so a step looks up nothing while it stays.
+        self._resident: tuple | None = None
+        self._resident_stack: LoraStack | None = None
 
     def _stack(self, adapters: list) -> LoraStack:
         """The stack of `adapters` (sorted by uid), built if not kept."""
@@ -172,19 +177,30 @@ class LoraStacks:
         self._cache.move_to_end(key)
         return stack
 
-    def prepare(self, resident) -> None:
+    def prepare(self, resident: tuple) -> None:
         """Build, ahead of the first step naming them, the stack of the resident adapters (with the
         fused kernel: the stack every step uses while they stay resident)."""
-        if self.kernels is not None and resident:
-            self._stack(sorted(resident, key=lambda w: w.uid))
+        if self.kernels is not None:
+            self._of_resident(resident)
+
+    def _of_resident(self, resident: tuple) -> LoraStack | None:
+        """The stack of the resident adapters, found or built only when the snapshot is a new one."""
+        if resident is not self._resident:
+            self._resident = resident
+            self._resident_stack = self._stack(sorted(resident, key=lambda w: w.uid)) if resident else None
+        return self._resident_stack
 
     def for_step(self, lora, num_rows: int, dtype: torch.dtype) -> StackedLora:
         """lora: the step's sagellm.model.lora_step.LoraBatch (adapters, their rows, the resident ones)."""
-        adapters = {g.weights.uid: g.weights for g in lora.groups}
-        if self.kernels is not None:  # every resident adapter too: one stack for any subset of them
-            adapters.update((w.uid, w) for w in lora.resident)
-        stack = self._stack(sorted(adapters.values(), key=lambda w: w.uid))
-        index = {uid: i for i, uid in enumerate(stack.uids)}
+        stack = self._of_resident(lora.resident) if self.kernels is not None else None
+        if stack is None or any(g.weights.uid not in stack.index for g in lora.groups):
+            # The step's adapters (with the fused kernel: and every resident one, one stack for any
+            # subset of them), where one was swapped out since the snapshot, or without the kernel.
+            adapters = {g.weights.uid: g.weights for g in lora.groups}
+            if self.kernels is not None:
+                adapters.update((w.uid, w) for w in lora.resident)
+            stack = self._stack(sorted(adapters.values(), key=lambda w: w.uid))
+        index = stack.index
         device = stack.owners[0].device if stack.owners else None
         row_adapter = torch.full((num_rows,), -1, dtype=torch.long, device=device)
         for g in lora.groups:

@@ -159,3 +159,30 @@ def test_a_long_prefill_split_over_threads_equals_each_adapter_alone(kernels):
     batch = LoraBatch([LoraGroup(w, r) for w, r in zip(adapters, rows)], tuple(adapters))
     stacks = lora_stack.LoraStacks(LAYERS, OUTS, kernels)
     check(stacks.for_step(batch, t, torch.float32), batch, t, torch.float32, [400])
+
+
+def test_steps_on_an_unchanged_resident_set_look_nothing_up(kernels, monkeypatch):
+    # The registry hands out one tuple while its resident set stays: steps reuse the stack (and its
+    # uid -> index map) without sorting, keying or searching the kept stacks.
+    resident = tuple(weights(f"r{i}", 4, list(SIZES), [0, 1], 10 + i, torch.float32) for i in range(3))
+    stacks = lora_stack.LoraStacks(LAYERS, OUTS, kernels)
+    stacks.prepare(resident)
+    (prepared,) = stacks._cache.values()
+
+    def no_lookup(adapters):
+        raise AssertionError("a stack looked up for an unchanged resident set")
+    monkeypatch.setattr(stacks, "_stack", no_lookup)
+    for rows in ({0: [1]}, {2: [0, 2], 1: [3]}, {1: None}):
+        batch = LoraBatch([LoraGroup(resident[i], None if r is None else torch.tensor(r)) for i, r in rows.items()],
+                          resident)
+        step = stacks.for_step(batch, 4, torch.float32)
+        assert step.stack is prepared
+        check(step, batch, 4, torch.float32, [i for i in range(4) if all(r is not None and i not in r
+                                                                          for r in rows.values())])
+    monkeypatch.undo()
+    now = resident[1:]  # one unloaded: a new snapshot, a new stack
+    assert stacks.for_step(LoraBatch([LoraGroup(now[0], None)], now), 2, torch.float32).stack.uids == uids_of(now)
+
+
+def uids_of(adapters) -> tuple[int, ...]:
+    return tuple(sorted(w.uid for w in adapters))
