@@ -20,7 +20,8 @@ from sagellm.api.protocol import ChatCompletionRequest
 from sagellm.api.protocol_openai import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
                                          ChoiceLogprobs, ChunkChoice, Delta, FunctionCall, ToolCall, Usage)
 from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResponse, StreamResponse, sse
-from sagellm.api.sampling import check_n, openai_params, refuse_long_text
+from sagellm.api.prompt_tokens import tokenize_bounded
+from sagellm.api.sampling import check_n, openai_params
 from sagellm.api.structured import grammar_for
 from sagellm.api.submit import submit_n
 from sagellm.api.tools import plan_tools, tool_error
@@ -90,8 +91,8 @@ def prepare_chat(ctx: ServingContext, body) -> ChatJob:
         shown = tools.template_tools() if with_tools and ctx.engine.template_shows_tools else None
         prompt = ctx.engine.render_chat(msgs, tools=shown, add_generation_prompt=not cont,
                                         continue_final_message=cont, kwargs=req.chat_template_kwargs)
-        refuse_long_text(ctx, prompt, "messages")
-        return prompt, ctx.engine.encode_chat(prompt)
+        return prompt, tokenize_bounded(ctx, prompt, "messages", ctx.engine.limits.max_input_tokens,
+                                        ctx.engine.encode_chat)
 
     plain = None
     if tools is not None:

@@ -18,7 +18,8 @@ from sagellm.api.parse import parse
 from sagellm.api.protocol import CompletionRequest
 from sagellm.api.protocol_openai import Completion, CompletionChoice, Usage
 from sagellm.api.responses import SSE_DONE, SSE_HEADERS, SSE_KEEPALIVE, JsonResponse, StreamResponse, sse
-from sagellm.api.sampling import check_n, openai_params, refuse_long_text
+from sagellm.api.prompt_tokens import tokenize_bounded
+from sagellm.api.sampling import check_n, openai_params
 from sagellm.api.submit import collect, nth_params, submit_all
 from sagellm.engine.events import FinishReason, TokenEvent
 from sagellm.errors import GenerationError, SagellmError, ValidationError
@@ -93,8 +94,7 @@ def _prompt_ids(ctx: ServingContext, prompt) -> list[tuple[list[int], str | None
         if not p:
             raise invalid(f"`prompt` {i} cannot be empty", "prompt")
         if isinstance(p, str):
-            refuse_long_text(ctx, p, "prompt")
-            out.append((ctx.engine.tokenize(p), p))
+            out.append((tokenize_bounded(ctx, p, "prompt", ctx.engine.limits.max_input_tokens), p))
             continue
         bad = next((t for t in p if not 0 <= t < vocab), None)
         if bad is not None:  # the embedding would fail the whole batch's step

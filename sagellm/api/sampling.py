@@ -56,16 +56,6 @@ def check_common(ctx: ServingContext, *, temperature, top_p, top_k, typical_p, r
         raise invalid(f"`seed` must be >= 0 and < 2**64. Given: {seed}", "seed")
 
 
-def refuse_long_text(ctx: ServingContext, text: str, inputs_name: str) -> None:
-    """Refuse, before tokenizing it, a text that has more than MAX_INPUT_TOKENS tokens for sure
-    (engine.tokens_over): a few MB of text cost the tokenizer seconds and a GB or more."""
-    lim_in = ctx.engine.limits.max_input_tokens
-    fewest = ctx.engine.tokens_over(text, lim_in)
-    if fewest is not None:
-        raise invalid(f"`{inputs_name}` must have less than {lim_in + 1} tokens. Given: {len(text)} characters, "
-                      f"at least {fewest} tokens (MAX_INPUT_TOKENS={lim_in})", inputs_name)
-
-
 def resolve_max_new(ctx: ServingContext, prompt_len: int, requested: int | None, *,
                     inputs_name: str, max_new_name: str) -> int:
     """Checks the prompt against the limits; the default is the rest of the context."""

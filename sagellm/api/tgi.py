@@ -14,8 +14,8 @@ from sagellm.api.protocol import GenerateParameters, GenerateRequest
 from sagellm.api.protocol_tgi import (BestOfSequence, Details, GenerateResponse, PrefillToken, StreamChunk,
                                       StreamDetails, Token, TokenizedToken)
 from sagellm.api.responses import SSE_HEADERS, JsonResponse, StreamResponse, event_stream, sse
-from sagellm.api.sampling import (GREEDY_TEMPERATURE, build_params, check_common, refuse_long_text,
-                                  resolve_max_new)
+from sagellm.api.prompt_tokens import tokenize_bounded
+from sagellm.api.sampling import GREEDY_TEMPERATURE, build_params, check_common, resolve_max_new
 from sagellm.api.structured import grammar_for
 from sagellm.api.submit import collect, submit_n
 from sagellm.engine.events import FinishReason, TokenEvent
@@ -67,14 +67,7 @@ def prepare(ctx: ServingContext, req: GenerateRequest, has_parameters: bool, str
                       "decoder_input_details")
     if not req.inputs:
         raise invalid("`inputs` cannot be empty", "inputs")
-    if p.truncate is None:  # with truncate, a longer text is allowed: its last tokens are kept
-        refuse_long_text(ctx, req.inputs, "inputs")
-    ids = ctx.engine.tokenize(req.inputs)
-    if p.truncate is not None:
-        if not 0 < p.truncate <= ctx.engine.limits.max_input_tokens:
-            raise invalid(f"`truncate` must be strictly positive and less than {ctx.engine.limits.max_input_tokens}. "
-                          f"Given: {p.truncate}", "truncate")
-        ids = ids[-p.truncate:]
+    ids = tokenize_bounded(ctx, req.inputs, "inputs", ctx.engine.limits.max_input_tokens, truncate=p.truncate)
     max_new = resolve_max_new(ctx, len(ids), p.max_new_tokens, inputs_name="inputs",
                               max_new_name="max_new_tokens")
     warper = ((p.temperature is not None and p.temperature != 1.0) or bool(p.top_k and p.top_k > 0)
@@ -205,14 +198,8 @@ def tokenize(ctx: ServingContext, body) -> JsonResponse:
     raw = req.inputs
     truncate = req.parameters.truncate if req.parameters else None
     limit = ctx.engine.limits.max_input_tokens
-    if truncate is not None and not 0 < truncate <= limit:
-        raise invalid(f"`truncate` must be strictly positive and less than {limit}. Given: {truncate}", "truncate")
-    if not truncate:
-        refuse_long_text(ctx, raw, "inputs")
-    spans = ctx.engine.tokenize_with_offsets(raw)
-    if truncate:
-        spans = spans[-truncate:]
-    elif len(spans) > limit:  # bounded like a prompt: the answer is ~10 bytes of JSON per character
+    spans = tokenize_bounded(ctx, raw, "inputs", limit, ctx.engine.tokenize_with_offsets, truncate)
+    if truncate is None and len(spans) > limit:  # bounded like a prompt: ~10 bytes of JSON per character
         raise invalid(f"`inputs` must have less than {limit + 1} tokens. Given: {len(spans)} "
                       f"(MAX_INPUT_TOKENS={limit})", "inputs")
     to_byte = _byte_offsets(raw)

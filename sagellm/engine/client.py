@@ -184,7 +184,9 @@ class EngineClient(ABC):
     # ---- the model's text side ----
 
     @abstractmethod
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, add_special_tokens: bool = True, last: int | None = None) -> list[int]:
+        """Token ids of `text`; with `last`, only its last `last` ones (TGI's truncate), found by
+        tokenizing only a tail of the text where that gives the same ones."""
 
     @abstractmethod
     def tokens_over(self, text: str, limit: int) -> int | None:
@@ -192,8 +194,9 @@ class EngineClient(ABC):
         than `limit`; None when it is not, or the tokenizer gives no such bound."""
 
     @abstractmethod
-    def tokenize_with_offsets(self, text: str) -> list[TokenSpan]:
-        """Tokens of `text` as the native API counts them (special tokens added)."""
+    def tokenize_with_offsets(self, text: str, last: int | None = None) -> list[TokenSpan]:
+        """Tokens of `text` as the native API counts them (special tokens added); `last` as in
+        tokenize()."""
 
     @abstractmethod
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

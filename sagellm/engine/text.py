@@ -20,15 +20,24 @@ class TextClient(EngineClient):
         self._grammars = grammars
         self._floor = TokenFloor(tokenizer)
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    def tokenize(self, text: str, add_special_tokens: bool = True, last: int | None = None) -> list[int]:
+        if last is None:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        start = self._floor.tail_start(text, last)
+        return self.tokenizer(text[start:], add_special_tokens=add_special_tokens).input_ids[-last:]
 
     def tokens_over(self, text: str, limit: int) -> int | None:
         return self._floor.over(text, limit)
 
-    def tokenize_with_offsets(self, text: str) -> list[TokenSpan]:
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        return [TokenSpan(i, s, e) for i, (s, e) in zip(enc.input_ids, enc["offset_mapping"])]
+    def tokenize_with_offsets(self, text: str, last: int | None = None) -> list[TokenSpan]:
+        start = self._floor.tail_start(text, last) if last is not None else 0
+        enc = self.tokenizer(text[start:], add_special_tokens=True, return_offsets_mapping=True)
+        spans = [TokenSpan(i, s, e) for i, (s, e) in zip(enc.input_ids, enc["offset_mapping"])]
+        if start:  # offsets into the tail, moved into the text; not the (0, 0) of the special tokens
+            # the post-processor adds (sequence id None), which are (0, 0) in the whole text's too
+            spans = [t if seq is None else TokenSpan(t.token_id, t.start + start, t.end + start)
+                     for t, seq in zip(spans, enc.sequence_ids())]
+        return spans if last is None else spans[-last:]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

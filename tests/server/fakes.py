@@ -97,14 +97,15 @@ class FakeClient(EngineClient):
     def shutdown(self):
         pass
 
-    def tokenize(self, text, add_special_tokens=True):
-        return tokenize(text)
+    def tokenize(self, text, add_special_tokens=True, last=None):
+        return tokenize(text)[-last:] if last else tokenize(text)
 
     def tokens_over(self, text, limit):
         return None  # words are tokens: no bound from the length alone
 
-    def tokenize_with_offsets(self, text):
-        return [TokenSpan(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    def tokenize_with_offsets(self, text, last=None):
+        spans = [TokenSpan(len(m.group()), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        return spans[-last:] if last else spans
 
     def decode(self, token_ids, skip_special_tokens=True):
         return "".join(VOCAB.get(i, "") for i in token_ids)

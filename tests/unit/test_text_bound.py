@@ -12,6 +12,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from sagellm.engine.text import TextClient
 from sagellm.engine.text_bound import TokenFloor, chars_per_token
 
 CORPUS = ["Hello world, hello there.", "The quick brown fox.", "Say hello to the world."] * 20
@@ -110,3 +111,49 @@ def test_no_floor_without_a_fast_tokenizer():
     class Slow:
         pass
     assert chars_per_token(Slow()) is None and TokenFloor(Slow()).over("a" * 10**6, 1) is None
+
+
+class TextOnly(TextClient):
+    """The engine client's text half alone (the generation half is not used here)."""
+    submit = abort = health = stats = shutdown = None
+
+
+PIECES = ["hello", " world", "  ", "   x", "'s", " 's", "12345", " 678", ",", "!!", "\n", " \n ", "\t", "😀",
+          " 東京", "ab\u0301c", "__init__", " ĠĠ", "<|im_start|>", " <|im_end|>", "<|end|>", "'", "x'll"]
+
+
+def random_text(rng, n_pieces: int) -> str:
+    return "".join(rng.choice(PIECES) for _ in range(n_pieces))
+
+
+@pytest.mark.parametrize("make", ["bundled", "llama_style", "byte_level"])
+def test_truncate_keeps_the_whole_texts_last_tokens(make, bundled):
+    """tokenize(text, last=n) is tokenize(text)[-n:], offsets too, tokenizing only a tail where the
+    tokenizer allows an exact cut (ByteLevel's split: the bundled and byte-level ones) and the whole
+    text where it does not (a Llama-style one: no pre-tokenizer, BPE over the whole text)."""
+    import random
+    tok = {"bundled": lambda: bundled, "llama_style": llama_style, "byte_level": bpe}[make]()
+    client, floor = TextOnly(tok, None), TokenFloor(tok)
+    rng = random.Random(0)
+    cut = 0
+    for text in texts(tok)[:6] + [random_text(rng, rng.randrange(200, 3000)) for _ in range(40)]:
+        whole = tok(text).input_ids
+        spans = client.tokenize_with_offsets(text)
+        for n in (1, 2, 7, 50, 400):
+            assert client.tokenize(text, last=n) == whole[-n:], (text[:60], n)
+            assert client.tokenize(text, last=n, add_special_tokens=False) == tok(text, add_special_tokens=False).input_ids[-n:]
+            assert client.tokenize_with_offsets(text, last=n) == spans[-n:], (text[:60], n)
+            cut += floor.tail_start(text, n) > 0
+    if make == "llama_style":
+        assert cut == 0  # no exact cut: the whole text every time
+    else:
+        assert cut > 100  # most of the long random texts were cut
+
+
+def test_a_tail_is_cut_only_after_a_word_character_before_a_space(bundled):
+    floor, c = TokenFloor(bundled), chars_per_token(bundled)
+    text = "ab " + "x" * (10 * c)  # the only cut: before the space at 2
+    assert floor.tail_start(text, 5) == 2
+    assert floor.tail_start("x" * (10 * c), 5) == 0  # none: the whole text
+    assert floor.tail_start(" " * (10 * c) + "x", 5) == 0
+    assert floor.tail_start("ab cd", 5) == 0  # shorter than 5 tokens can be: the whole text
