@@ -6,23 +6,16 @@ asked; with `truncate` a longer text is allowed and its last tokens kept."""
 from __future__ import annotations
 
 import pytest
+from text_only import TextOnly
 from transformers import AutoTokenizer
 
 from sagellm.api.context import ServingContext
 from sagellm.api.prompt_tokens import tokenize_bounded
 from sagellm.engine.client import Limits
-from sagellm.engine.text import TextClient
 from sagellm.errors import ValidationError
 from sagellm.settings import Settings
 
 LIMIT = 64
-
-
-class TextOnly(TextClient):
-    """The engine client's text half alone (the generation half is not used here)."""
-    submit = abort = health = stats = shutdown = None
-    limits = Limits(max_input_tokens=LIMIT, max_total_tokens=2 * LIMIT, max_batch_prefill_tokens=LIMIT,
-                    max_batch_total_tokens=4 * LIMIT, max_batch_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +23,10 @@ def ctx():
     from sagellm.model import bundled
 
     tok = AutoTokenizer.from_pretrained(str(bundled.bundled_model_dir(None)))
-    return ServingContext(Settings(), TextOnly(tok, None))
+    engine = TextOnly(tok, None)
+    engine.limits = Limits(max_input_tokens=LIMIT, max_total_tokens=2 * LIMIT, max_batch_prefill_tokens=LIMIT,
+                           max_batch_total_tokens=4 * LIMIT, max_batch_size=1)
+    return ServingContext(Settings(), engine)
 
 
 @pytest.mark.parametrize("field", ["inputs", "prompt", "messages"])

@@ -10,9 +10,9 @@ import math
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from text_only import TextOnly
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from sagellm.engine.text import TextClient
 from sagellm.engine.text_bound import TokenFloor, chars_per_token
 
 CORPUS = ["Hello world, hello there.", "The quick brown fox.", "Say hello to the world."] * 20
@@ -111,11 +111,6 @@ def test_no_floor_without_a_fast_tokenizer():
     class Slow:
         pass
     assert chars_per_token(Slow()) is None and TokenFloor(Slow()).over("a" * 10**6, 1) is None
-
-
-class TextOnly(TextClient):
-    """The engine client's text half alone (the generation half is not used here)."""
-    submit = abort = health = stats = shutdown = None
 
 
 PIECES = ["hello", " world", "  ", "   x", "'s", " 's", "12345", " 678", ",", "!!", "\n", " \n ", "\t", "😀",
