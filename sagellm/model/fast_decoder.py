@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sagellm.model import cpu_linear, lora_stack
+from sagellm.model.attention import last_rows_only
 
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -189,11 +190,18 @@ class FastDecoder:
             q = qk[:, :heads].transpose(0, 1)[None]  # [1, H, T, D]
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
-            o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta, sagellm_cache_written=rope_kernel,
-                             **layer.attention_arguments)
-            o = o.reshape(t, -1)
+            rows = None  # the last layer: its attention for the kept rows alone, where it can
+            if trim and layer is last:
+                rows = last_rows_only(meta, keep.tolist(), q, layer.index, layer.attention_arguments)
+            if rows is not None:
+                o, _ = attention(layer.attn_module, q.index_select(2, keep), k, v, None, sagellm_meta=rows,
+                                 sagellm_cache_written=rope_kernel, **layer.attention_arguments)
+            else:
+                o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta,
+                                 sagellm_cache_written=rope_kernel, **layer.attention_arguments)
+            o = o.reshape(o.shape[1], -1)  # [T or N, q]
             if trim and layer is last:  # [N, q], [N, hidden]
-                o, h = o.index_select(0, keep), h.index_select(0, keep)
+                o, h = o if rows is not None else o.index_select(0, keep), h.index_select(0, keep)
             out = layer.o(o)
             if lora is not None:
                 out = lora.apply(out, o, layer.index, lora_stack.O)

@@ -85,3 +85,41 @@ def test_batch_invariant_rows_are_bitwise_those_of_the_whole_layer(bf16_invarian
         bf16_invariant.fast.trim_last_layer = True
     assert all(len(tokens) == 12 for tokens, _ in trimmed) and len(trimmed[3][1]) == len(ids[3])
     assert trimmed == whole
+
+
+@pytest.fixture(scope="module")
+def bf16(loaded_model):
+    return load_weights(loaded_model.source.path, Settings(dtype="bfloat16"), "cpu")
+
+
+def test_last_layer_attention_for_the_read_rows_only(bf16, loaded_model, chat_ids, monkeypatch):
+    """In bf16 on the flash kernel's path the last layer's attention, too, runs for the read rows
+    alone: a chunk's last row as a one-query chunk over the rest. Same tokens, same logprobs."""
+    from sagellm.model import attention, cpu_kernels, fast_decoder
+
+    assert bf16.kernels is not None and cpu_kernels.has_bf16_dot()  # the machines this runs on have both
+    made = []
+
+    def recorded(*args):
+        made.append(attention.last_rows_only(*args))
+        return made[-1]
+    monkeypatch.setattr(fast_decoder, "last_rows_only", recorded)
+    ids = [chat_ids(q) for q in QUESTIONS]
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True, prompt_logprobs=(i == 3)) for i in range(len(ids))]
+
+    def answers():
+        out = run(bf16, loaded_model, ids, params)
+        return [([e.token_id for e in events], [e.logprob for e in events],
+                 [p.logprob for p in (events[0].prompt_logprobs or [None])[1:]]) for events in out]
+    trimmed = answers()
+    # Prefill steps: with the prompt-logprob rows the whole attention, else the last rows only.
+    assert any(m is None for m in made) and sum(m is not None for m in made) >= 1
+    assert all(m is None or len(m.prefills) <= 4 and all(c.q_len == 1 for c in m.prefills) for m in made)
+    bf16.fast.trim_last_layer = False
+    try:
+        whole = answers()
+    finally:
+        bf16.fast.trim_last_layer = True
+    for (tokens, logprobs, prompt), (tokens0, logprobs0, prompt0) in zip(trimmed, whole):
+        assert tokens == tokens0 and len(tokens) == 12
+        assert logprobs == pytest.approx(logprobs0, abs=0.02) and prompt == pytest.approx(prompt0, abs=0.02)
