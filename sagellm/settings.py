@@ -234,7 +234,7 @@ VARS: list[Var] = [
     Var("max_batch_prefill_tokens", ("MAX_BATCH_PREFILL_TOKENS", "SM_VLLM_MAX_NUM_BATCHED_TOKENS",
                                       "OPTION_MAX_ROLLING_BATCH_PREFILL_TOKENS", "OPTION_MAX_NUM_BATCHED_TOKENS"),
         "int >= 1", ev.positive_int,
-        "Most prompt tokens prefilled in one engine step; unset: derived"),
+        "Most prompt tokens prefilled in one engine step; unset: derived (on CPU 512, 2,048 for a prompt alone in the engine)"),
     Var("max_batch_total_tokens", ("MAX_BATCH_TOTAL_TOKENS",), "int >= 1", ev.positive_int,
         "Most tokens held by all running requests together; unset: derived from memory"),
     Var("max_batch_size", ("MAX_BATCH_SIZE", "SM_VLLM_MAX_NUM_SEQS", "OPTION_MAX_ROLLING_BATCH_SIZE",

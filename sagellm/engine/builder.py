@@ -14,6 +14,7 @@ from sagellm.engine.distributed import TPGroup, check_degree
 from sagellm.engine.engine import EngineConfig, LLMEngine
 from sagellm.engine.frontend import describe_limits, grammar_compiler, vocab_size, warm_up
 from sagellm.engine.limits import derive_limits
+from sagellm.engine.scheduler import LONE_PREFILL_TOKENS
 from sagellm.engine.sagellm_client import SagellmEngineClient
 from sagellm.errors import ModelLoadError, SettingsError
 from sagellm.model import lora as lora_mod
@@ -100,4 +101,6 @@ def _engine_config(settings: Settings, limits: Limits) -> EngineConfig:
     return EngineConfig(max_batch_size=limits.max_batch_size, max_prefill_tokens=limits.max_batch_prefill_tokens,
                         max_total_tokens=limits.max_total_tokens,
                         num_kv_blocks=max(1, limits.max_batch_total_tokens // BLOCK_SIZE), block_size=BLOCK_SIZE,
-                        prefix_caching=settings.prefix_caching)
+                        prefix_caching=settings.prefix_caching,
+                        # Only where the budget is derived: a budget set by the user is kept to.
+                        lone_prefill_tokens=0 if settings.max_batch_prefill_tokens else LONE_PREFILL_TOKENS)

@@ -40,6 +40,7 @@ class EngineConfig:
     num_kv_blocks: int
     block_size: int = 16
     prefix_caching: bool = True  # reuse cached blocks of earlier prompts (PREFIX_CACHING)
+    lone_prefill_tokens: int = 0  # a step's prefill budget when its only sequence is a prompt (0: as above)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class LLMEngine:
         if adapters is not None:  # the configured adapters' stack, before the first request needs it
             model.prepare_lora(adapters.resident_weights())
         self.scheduler = Scheduler(self.cache, config.max_batch_size, config.max_prefill_tokens,
-                                   chunk_align=QUERY_BLOCK if model.batch_invariant else 1)
+                                   chunk_align=QUERY_BLOCK if model.batch_invariant else 1,
+                                   lone_prefill_tokens=config.lone_prefill_tokens)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._by_id: dict[str, Sequence] = {}

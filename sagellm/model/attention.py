@@ -12,7 +12,7 @@ refused, never ignored (sagellm.model.probe checks this at start-up).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,8 @@ class StepMetadata:
     # takes the blocked path over contiguous keys, so a query's arithmetic is the same however its
     # prompt was split into chunks.
     batch_invariant: bool = False
+    # last_rows_only: the queries are these first rows of the step (keep), the keys and values all.
+    last_rows: int | None = None
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -79,6 +81,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     outputs = []
     flash = flash_fits(meta, query, k_cache, window, softcap, s_aux)
+    if meta.last_rows is not None and not flash:  # last_rows_only's chunks are the flash kernel's
+        raise UnsupportedAttention("a step trimmed to its last rows outside the flash kernel's path")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     nd = meta.num_decode
     if nd:
@@ -115,6 +119,33 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         outputs.append(o[0].transpose(0, 1))  # [t, H, D]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
     return out.unsqueeze(0), None  # [1, T, H, D]
+
+
+def last_rows_only(meta: StepMetadata, keep: list[int], query: torch.Tensor, layer_idx: int, arguments: dict
+                   ) -> StepMetadata | None:
+    """The step's metadata for the attention of the `keep` rows alone (the last layer, whose
+    other rows are never read on), or None where that does not apply: each kept prefill row must
+    be the last of its chunk (no prompt-logprob rows), every decode row kept, and the chunks those
+    of the flash kernel's bf16 path (it reads a chunk's keys from the cache through its slots,
+    whatever the number of queries). A chunk's last row becomes a one-query chunk whose context
+    is the rest of the chunk; chunks with no row kept drop out. The new k/v of all the step's
+    rows are still written to the cache (its slot_mapping is unchanged). query: [1, H, T, D];
+    arguments: the layer's attention arguments (scaling, sliding_window, ...)."""
+    if meta.probe is not None or not flash_fits(meta, query, meta.cache.keys[layer_idx], arguments.get("sliding_window")
+                                                or 0, arguments.get("softcap") or 0.0, arguments.get("s_aux")):
+        return None
+    nd = meta.num_decode
+    ends = {c.q_start + c.q_len - 1: c for c in meta.prefills}
+    if keep[:nd] != list(range(nd)) or keep != sorted(set(keep)) or any(r not in ends for r in keep[nd:]):
+        return None
+    chunks = []
+    for r in keep[nd:]:
+        c = ends[r]
+        slots = c.slots if c.ctx_len else meta.slot_mapping[c.q_start:c.q_start + c.q_len]
+        chunks.append(PrefillChunk(nd + len(chunks), 1, c.ctx_len + c.q_len - 1, slots, None))
+    if any(c.ctx_len == 0 for c in chunks):  # a one-token prompt: nothing to drop
+        return None
+    return replace(meta, prefills=chunks, window_masks={}, last_rows=len(keep))
 
 
 def flash_fits(meta: StepMetadata, query: torch.Tensor, k_cache: torch.Tensor, window: int, softcap: float,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sagellm.model import cpu_linear, lora_stack
+from sagellm.model.attention import last_rows_only
 
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -115,6 +116,8 @@ class FastDecoder:
         # step, a position's angle goes through a vector lane or the scalar tail of cos/sin
         # depending on how many tokens the step holds.
         self.batch_invariant = batch_invariant
+        # The last layer past its attention on the rows read only (__call__); tests turn it off to compare.
+        self.trim_last_layer = True
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         fits = model.config.hidden_size % 16 == 0 and model.config.intermediate_size % 16 == 0
         self.kernels = kernels if fits else None
@@ -166,6 +169,12 @@ class FastDecoder:
         rope_kernel = (self.kernels is not None and self.layers[0].head_dim % 32 == 0
                        and meta.cache.keys[0].dtype == h.dtype)
         delta = None  # the MLP output still to be added to h (fused with the next norm)
+        # Only the `keep` rows of the last layer's output are read (their logits): past its
+        # attention, which every row's k/v went into, that layer runs on those rows alone. Each
+        # step below is row-wise; in BATCH_INVARIANT the linears' rows, padded to 8, are
+        # unchanged by it. With LoRA the adapters' row groups index all T rows: no trim.
+        trim = self.trim_last_layer and lora is None and keep.shape[0] < t
+        last = self.layers[-1]
         for layer in self.layers:
             x, h = self._add_norm(h, delta, layer.in_norm)
             qkv = layer.qkv(x)  # [T, q + 2 kv]
@@ -181,9 +190,18 @@ class FastDecoder:
             q = qk[:, :heads].transpose(0, 1)[None]  # [1, H, T, D]
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
-            o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta, sagellm_cache_written=rope_kernel,
-                             **layer.attention_arguments)
-            o = o.reshape(t, -1)
+            rows = None  # the last layer: its attention for the kept rows alone, where it can
+            if trim and layer is last:
+                rows = last_rows_only(meta, keep.tolist(), q, layer.index, layer.attention_arguments)
+            if rows is not None:
+                o, _ = attention(layer.attn_module, q.index_select(2, keep), k, v, None, sagellm_meta=rows,
+                                 sagellm_cache_written=rope_kernel, **layer.attention_arguments)
+            else:
+                o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta,
+                                 sagellm_cache_written=rope_kernel, **layer.attention_arguments)
+            o = o.reshape(o.shape[1], -1)  # [T or N, q]
+            if trim and layer is last:  # [N, q], [N, hidden]
+                o, h = o if rows is not None else o.index_select(0, keep), h.index_select(0, keep)
             out = layer.o(o)
             if lora is not None:
                 out = lora.apply(out, o, layer.index, lora_stack.O)
@@ -195,5 +213,5 @@ class FastDecoder:
             delta = layer.down(act)
             if lora is not None:
                 delta = lora.apply(delta, act, layer.index, lora_stack.DOWN)
-        h = (h + delta).index_select(0, keep)
+        h = h + delta if trim else (h + delta).index_select(0, keep)
         return self.lm_head(self._add_norm(h, None, self.norm)[0])

@@ -69,3 +69,32 @@ def test_without_prefix_caching_nobody_waits():
     for name in "ab":
         s.add(seq(name, list(range(40))))
     assert step(s) == {"a": (0, 40), "b": (0, 40)}
+
+
+def test_a_prompt_alone_takes_the_lone_budget_and_shares_the_step_budget_otherwise():
+    cache = PagedKVCache(1, 512, 16, 1, 8, torch.float32)
+    s = Scheduler(cache, max_batch_size=16, max_prefill_tokens=512, lone_prefill_tokens=2048)
+    s.add(seq("alone", list(range(2000))))
+    assert step(s) == {"alone": (0, 2000)}  # one chunk: nothing to starve
+    s.add(seq("a", list(range(3000, 4000))))
+    # Two sequences: the step budget of 512 again, the running decode first.
+    assert step(s) == {"alone": (2000, 1), "a": (0, 512)}
+    s.finish(s.running[0])
+    assert step(s) == {"a": (512, 488)}  # alone again, mid-prompt: the rest in one chunk
+
+
+def test_without_a_lone_budget_a_prompt_alone_goes_in_budget_chunks():
+    s = scheduler(prefix_caching=False)
+    s.add(seq("alone", list(range(600))))
+    assert step(s) == {"alone": (0, 512)}
+
+
+def test_the_lone_budget_applies_only_where_the_prefill_budget_is_derived():
+    from sagellm.engine.builder import _engine_config
+    from sagellm.engine.client import Limits
+    from sagellm.engine.scheduler import LONE_PREFILL_TOKENS
+    from sagellm.settings import Settings
+
+    limits = Limits(4095, 4096, 512, 8192, 16)
+    assert _engine_config(Settings(), limits).lone_prefill_tokens == LONE_PREFILL_TOKENS
+    assert _engine_config(Settings(max_batch_prefill_tokens=512), limits).lone_prefill_tokens == 0
