@@ -4,6 +4,11 @@ Measured on this project's 2-core machines (docs/performance.md): the same bf16 
 2x faster at batch 1 (3.4x for the 49152-wide lm_head) and 1.5x at batch 64 once the weights are
 reordered into oneDNN's blocked layout, with bit-identical results. transformers' modules stay as
 they are; only each nn.Linear's weight layout and kernel change.
+
+A single row (a decode step at batch 1) goes to sagellm's own `gemv_bf16` kernel where the CPU
+kernels are loaded and the CPU has AVX512-BF16 (csrc/gemv.cpp): oneDNN spends ~13 us a call
+before any arithmetic, 121 calls a step on SmolLM2. That keeps the row-major weight beside the
+packed one (the linear weights twice in memory).
 """
 
 from __future__ import annotations
@@ -25,16 +30,30 @@ def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
     return x if not extra else torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
+def gemv_kernel(kernels):
+    """The one-row bf16 kernel (torch.ops.sagellm.gemv_bf16), or None where it cannot run."""
+    from sagellm.model import cpu_kernels
+
+    return kernels.gemv_bf16 if kernels is not None and cpu_kernels.has_bf16_dot() else None
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_tile: int = 1):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_tile: int = 1, gemv=None):
         super().__init__()
         self.row_tile = row_tile  # > 1: rows padded to a multiple of it (batch invariance)
         self.out_features, self.in_features = weight.shape
         # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.bias = None if bias is None else bias.detach()
+        # One row's kernel and its row-major weight [out, in]; never with row_tile > 1: a row's
+        # result must not change with the number of rows (BATCH_INVARIANT).
+        self.gemv = gemv if row_tile == 1 else None
+        self.weight = weight.detach().contiguous() if self.gemv is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.numel() == self.in_features:  # x [..., 1, in]: one row
+            y = self.gemv(x.contiguous(), self.weight)
+            return y if self.bias is None else y + self.bias
         if self.row_tile > 1 and x.dim() == 2:
             m = x.shape[0]
             return torch.ops.mkldnn._linear_pointwise(pad_rows(x, self.row_tile), self.packed, self.bias,
@@ -47,13 +66,14 @@ def available(dtype: torch.dtype) -> bool:
         torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def pack_linears(model: nn.Module, row_tile: int = 1) -> int:
-    """Swap every bf16 nn.Linear for a PackedLinear; returns how many were swapped."""
+def pack_linears(model: nn.Module, row_tile: int = 1, gemv=None) -> int:
+    """Swap every bf16 nn.Linear for a PackedLinear (one-row calls on `gemv`, see gemv_kernel);
+    returns how many were swapped."""
     swaps = []
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias, row_tile))
+        setattr(parent, name, PackedLinear(child.weight, child.bias, row_tile, gemv))
     return len(swaps)
