@@ -8,7 +8,8 @@ they are; only each nn.Linear's weight layout and kernel change.
 A single row (a decode step at batch 1) goes to sagellm's own `gemv_bf16` kernel where the CPU
 kernels are loaded and the CPU has AVX512-BF16 (csrc/gemv.cpp): oneDNN spends ~13 us a call
 before any arithmetic, 121 calls a step on SmolLM2. That keeps the row-major weight beside the
-packed one (the linear weights twice in memory).
+packed one (the linear weights twice in memory), for models whose copy stays under
+GEMV_COPY_LIMIT.
 """
 
 from __future__ import annotations
@@ -30,11 +31,31 @@ def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
     return x if not extra else torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
-def gemv_kernel(kernels):
-    """The one-row bf16 kernel (torch.ops.sagellm.gemv_bf16), or None where it cannot run."""
+# The one-row kernel keeps a second, row-major copy of every linear weight: worth it for small
+# models (where oneDNN's per-call cost dominates a decode step), not for one whose copy would add
+# gigabytes. Above this many bytes of bf16 linear weights, one rows stay on oneDNN.
+GEMV_COPY_LIMIT = 2 << 30
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the bf16 nn.Linear weights a row-major copy would duplicate."""
+    return sum(m.weight.nbytes for m in model.modules()
+               if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16)
+
+
+def gemv_kernel(kernels, model: nn.Module):
+    """The one-row bf16 kernel (torch.ops.sagellm.gemv_bf16) for `model`'s linears, or None where
+    it cannot run or its weight copy would pass GEMV_COPY_LIMIT (said once in the log)."""
     from sagellm.model import cpu_kernels
 
-    return kernels.gemv_bf16 if kernels is not None and cpu_kernels.has_bf16_dot() else None
+    if kernels is None or not cpu_kernels.has_bf16_dot():
+        return None
+    size = linear_weight_bytes(model)
+    if size > GEMV_COPY_LIMIT:
+        log.info("one-row bf16 kernel off: its row-major weight copy would add %.1f GB (limit %.1f GB); "
+                 "single-row steps use oneDNN", size / 1e9, GEMV_COPY_LIMIT / 1e9)
+        return None
+    return kernels.gemv_bf16
 
 
 class PackedLinear(nn.Module):

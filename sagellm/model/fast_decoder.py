@@ -109,7 +109,7 @@ class FastDecoder:
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         row_tile = 8 if batch_invariant else 1
-        gemv = cpu_linear.gemv_kernel(kernels)
+        gemv = cpu_linear.gemv_kernel(kernels, model)
         self.lm_head = _Linear(*_detached(model.lm_head), row_tile, gemv)
         self.layers = [_Layer(layer, model.config, args, row_tile, gemv)
                        for layer, args in zip(inner.layers, layer_attention, strict=True)]
