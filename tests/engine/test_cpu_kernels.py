@@ -12,14 +12,6 @@ from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.model import cpu_kernels
 
 
-@pytest.fixture(scope="module")
-def ops():
-    k = cpu_kernels.load()
-    # This project's machines (CI's included) have AVX-512 and g++: the kernels must be there.
-    assert k is not None, cpu_kernels.unsupported_reason() or "the build failed (see the log)"
-    return k
-
-
 def _decode_case(dtype, batch, heads, kv_heads, head_dim, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     bs, num_blocks = 16, 512

@@ -13,18 +13,10 @@ from sagellm.engine import sampler, sampler_torch
 from sagellm.engine.sampling_batch import INDEX, SamplingBatch
 from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.sequence import Sequence
-from sagellm.model import cpu_kernels
 
 EOS = (2,)
 PROMPT = [5, 7, 7, 11, 3]
 OUTPUT = [13, 5, 13, 13, 17]
-
-
-@pytest.fixture(scope="module")
-def ops():
-    k = cpu_kernels.load()
-    assert k is not None, cpu_kernels.unsupported_reason() or "the build failed (see the log)"
-    return k
 
 
 class Mask:
