@@ -258,3 +258,14 @@ def hub(server):
     mp.setattr(hc, "HF_HUB_OFFLINE", False)
     yield huggingface_hub.InferenceClient(base_url=server.url, timeout=300)
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """sagellm's CPU kernels, torch.ops.sagellm. This project's machines (CI's included) have
+    AVX-512 and g++: the kernels must be there."""
+    from sagellm.model import cpu_kernels
+
+    k = cpu_kernels.load()
+    assert k is not None, cpu_kernels.unsupported_reason() or "the build failed (see the log)"
+    return k

@@ -20,6 +20,7 @@ namespace {
 using bf16 = at::BFloat16;
 
 constexpr int64_t kRows = 4;  // weight rows per pass over x
+constexpr int64_t kPrefetchRows = 8;  // rows ahead the next passes' weights are prefetched from
 
 // 32 bf16 values from p, lanes n .. 31 zero (n in 1 .. 32).
 inline __m512i load32(const bf16* p, int64_t n) {
@@ -36,10 +37,7 @@ void rows_dot(const bf16* x, const bf16* w, bf16* y, int64_t begin, int64_t end,
     for (int64_t k = 0; k < K; k += 32) {
       const int64_t n = K - k;
       const __m512bh xv = (__m512bh)load32(x + k, n);
-#ifndef PF
-#define PF 8
-#endif
-      const char* ahead = reinterpret_cast<const char*>(w0 + PF * K + k);
+      const char* ahead = reinterpret_cast<const char*>(w0 + kPrefetchRows * K + k);  // may pass W's end: a hint
       _mm_prefetch(ahead, _MM_HINT_T0);
       _mm_prefetch(ahead + 2 * K, _MM_HINT_T0);
       _mm_prefetch(ahead + 4 * K, _MM_HINT_T0);
