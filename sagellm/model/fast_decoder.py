@@ -191,17 +191,14 @@ class FastDecoder:
             q = qk[:, :heads].transpose(0, 1)[None]  # [1, H, T, D]
             k = qk[:, heads:].transpose(0, 1)[None]
             v = qkv[:, layer.q_size + layer.kv_size:].view(t, -1, d).transpose(0, 1)[None]
-            rows = None  # the last layer: its attention for the kept rows alone, where it can
-            if trim and layer is last:
-                rows = last_rows_only(meta, keep.tolist(), q, layer.index, layer.attention_arguments)
-            if rows is not None:
-                o, _ = attention(layer.attn_module, q.index_select(2, keep), k, v, None, sagellm_meta=rows,
-                                 sagellm_cache_written=rope_kernel, **layer.attention_arguments)
-            else:
-                o, _ = attention(layer.attn_module, q, k, v, None, sagellm_meta=meta,
-                                 sagellm_cache_written=rope_kernel, **layer.attention_arguments)
+            trim_here = trim and layer is last
+            # The last layer's attention for the kept rows alone, where the flash kernel can.
+            rows = last_rows_only(meta, keep.tolist(), q, layer.index, layer.attention_arguments) if trim_here else None
+            o, _ = attention(layer.attn_module, q if rows is None else q.index_select(2, keep), k, v, None,
+                             sagellm_meta=meta if rows is None else rows, sagellm_cache_written=rope_kernel,
+                             **layer.attention_arguments)
             o = o.reshape(o.shape[1], -1)  # [T or N, q]
-            if trim and layer is last:  # [N, q], [N, hidden]
+            if trim_here:  # [N, q], [N, hidden]
                 o, h = o if rows is not None else o.index_select(0, keep), h.index_select(0, keep)
             out = layer.o(o)
             if lora is not None:
