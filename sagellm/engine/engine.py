@@ -26,7 +26,7 @@ from sagellm.engine.sampling_params import SamplingParams
 from sagellm.engine.scheduler import Scheduler
 from sagellm.engine.sequence import Sequence
 from sagellm.errors import NotFound, ValidationError
-from sagellm.model.attention import QUERY_BLOCK
+from sagellm.model.attention_ops import QUERY_BLOCK
 from sagellm.model.forward import ModelForward
 
 log = logging.getLogger(__name__)

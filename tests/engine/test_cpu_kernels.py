@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagellm.model.attention import StepMetadata, _decode_attention
+from sagellm.model.attention import StepMetadata
+from sagellm.model.attention_ops import decode_attention
 from sagellm.engine.kv_cache import PagedKVCache
 from sagellm.model import cpu_kernels
 
@@ -32,7 +33,7 @@ def test_decode_attention_equals_torch(ops, dtype, heads, kv_heads, head_dim):
     cache, table, lens, bias, q = _decode_case(dtype, len(lengths), heads, kv_heads, head_dim, lengths)
     k_cache, v_cache = cache.keys[0], cache.values[0]
     meta = StepMetadata(cache, None, len(lengths), table, bias, [], decode_lens=lens)
-    expected = _decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125)  # torch operators
+    expected = decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125)  # torch operators
     got = ops.paged_decode_attention(q, k_cache, v_cache, table, lens, 16, 0.125)
     assert got.shape == expected.shape and got.dtype == dtype
     # The torch path rounds scores and probabilities to bf16 on the way; the kernel keeps float32.
@@ -40,7 +41,7 @@ def test_decode_attention_equals_torch(ops, dtype, heads, kv_heads, head_dim):
     torch.testing.assert_close(got.float(), expected.float(), **tol)
     # and through paged_attention's own dispatch, with the kernels on the step's metadata
     meta.kernels = ops
-    torch.testing.assert_close(_decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125), got)
+    torch.testing.assert_close(decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125), got)
 
 
 def _nearly_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -107,15 +108,15 @@ def test_rope_write_kv_equals_rotate_and_index_copy(ops, dtype, tokens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ctx,t", [(0, 64), (0, 200), (37, 64), (300, 129), (1000, 65)])
 def test_blocked_prefill_with_causal_softmax_equals_sdpa(ops, dtype, ctx, t):
-    from sagellm.model.attention import _blocked_prefill_attention
+    from sagellm.model.attention_ops import blocked_prefill_attention
 
     g = torch.Generator().manual_seed(ctx + t)
     q, k, v = (torch.randn(n, ctx + t if n == 3 else t, 64, generator=g).to(dtype) for n in (9, 3, 3))
     mask = torch.arange(ctx + t)[None, :] <= (ctx + torch.arange(t))[:, None]
     expected = F.scaled_dot_product_attention(q[None].float(), k[None].float(), v[None].float(), attn_mask=mask,
                                               enable_gqa=True)[0]
-    got = _blocked_prefill_attention(q, k, v, ctx, None, ops)
-    plain = _blocked_prefill_attention(q, k, v, ctx, None)
+    got = blocked_prefill_attention(q, k, v, ctx, None, ops)
+    plain = blocked_prefill_attention(q, k, v, ctx, None)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.float(), expected, **tol)
     torch.testing.assert_close(got, plain, **tol)  # and the torch operators it replaces
@@ -189,7 +190,7 @@ def test_decode_attention_features_equal_eager(ops, dtype, feature):
     got = ops.paged_decode_attention(q, k_cache, v_cache, table, lens, 16, 0.125, window, softcap,
                                      None if sinks is None else sinks.to(dtype))
     meta = StepMetadata(cache, None, len(lengths), table, bias, [], decode_lens=lens)
-    plain = _decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125, window, softcap, sinks)
+    plain = decode_attention(q.transpose(0, 1), k_cache, v_cache, meta, 0.125, window, softcap, sinks)
     for b, n in enumerate(lengths):
         slots = (table[b, torch.arange(n) // 16] * 16 + torch.arange(n) % 16)
         want = _eager(q[b][:, None], k_cache[:, slots], v_cache[:, slots], torch.tensor([n - 1]), 0.125, window,
@@ -203,15 +204,15 @@ def test_decode_attention_features_equal_eager(ops, dtype, feature):
 @pytest.mark.parametrize("feature", FEATURES, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
 @pytest.mark.parametrize("ctx,t", [(0, 64), (0, 150), (37, 64), (300, 129), (5, 7)])
 def test_blocked_prefill_features_equal_eager(ops, dtype, feature, ctx, t):
-    from sagellm.model.attention import _blocked_prefill_attention
+    from sagellm.model.attention_ops import blocked_prefill_attention
 
     g = torch.Generator().manual_seed(ctx + t)
     q, k, v = (torch.randn(n, ctx + t if n == 2 else t, 64, generator=g).to(dtype) for n in (8, 2, 2))
     window, softcap = feature["window"], feature["softcap"]
     sinks = (torch.randn(8, generator=g) * 2).to(dtype) if feature["sinks"] else None
     want = _eager(q, k, v, ctx + torch.arange(t), 0.125, window, softcap, sinks)
-    got = _blocked_prefill_attention(q, k, v, ctx, 0.125, ops, window, softcap, sinks)
-    plain = _blocked_prefill_attention(q, k, v, ctx, 0.125, None, window, softcap, sinks)
+    got = blocked_prefill_attention(q, k, v, ctx, 0.125, ops, window, softcap, sinks)
+    plain = blocked_prefill_attention(q, k, v, ctx, 0.125, None, window, softcap, sinks)
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.double(), want, **tol)
     torch.testing.assert_close(plain.double(), want, **tol)
