@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "cpu_kernels.cpp", CSRC / "decode_attention.cpp", CSRC / "sampler.cpp",
-           CSRC / "prefill_attention.cpp", CSRC / "lora.cpp", CSRC / "gemv.cpp")
+           CSRC / "prefill_attention.cpp", CSRC / "lora.cpp", CSRC / "gemm_rows.cpp")
 HEADERS = (CSRC / "simd.h", CSRC / "sampler_draw.h", CSRC / "flash_softmax.h")
 # x86-64-v4 = AVX-512 F/BW/CD/DQ/VL: the build runs on any such CPU, not only the one it was
 # compiled on (an image is built on one machine and run on another). No contraction of a multiply

@@ -5,11 +5,12 @@ Measured on this project's 2-core machines (docs/performance.md): the same bf16 
 reordered into oneDNN's blocked layout, with bit-identical results. transformers' modules stay as
 they are; only each nn.Linear's weight layout and kernel change.
 
-A single row (a decode step at batch 1) goes to sagellm's own `gemv_bf16` kernel where the CPU
-kernels are loaded and the CPU has AVX512-BF16 (csrc/gemv.cpp): oneDNN spends ~13 us a call
-before any arithmetic, 121 calls a step on SmolLM2. That keeps the row-major weight beside the
-packed one (the linear weights twice in memory), for models whose copy stays under
-GEMV_COPY_LIMIT.
+Up to ROWS_LIMIT rows (a decode step at batch 1..64) go to sagellm's own `gemm_rows_bf16` kernel
+where the CPU kernels are loaded and the CPU has AVX512-BF16 (csrc/gemm_rows.cpp): oneDNN spends
+~13 us a call before any arithmetic, 121 calls a step on SmolLM2, and its M = 2..64 tiles reach
+less of the CPU (bench/linear_rows.py). That keeps a second copy of each weight in the kernel's
+layout beside the packed one (the linear weights twice in memory), for models whose copy stays
+under GEMV_COPY_LIMIT. A row's result there is the same whatever else is in the step (1..64 rows).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
     return x if not extra else torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
-# The one-row kernel keeps a second, row-major copy of every linear weight: worth it for small
-# models (where oneDNN's per-call cost dominates a decode step), not for one whose copy would add
-# gigabytes. Above this many bytes of bf16 linear weights, one rows stay on oneDNN.
+# The rows kernel keeps a second copy of every linear weight: worth it for small models (where
+# oneDNN's per-call cost dominates a decode step), not for one whose copy would add gigabytes.
+# Above this many bytes of bf16 linear weights, every step stays on oneDNN.
 GEMV_COPY_LIMIT = 2 << 30
+# The most rows a call sends to gemm_rows_bf16. Measured (bench/linear_rows.py, SmolLM2-135M's
+# five shapes, weights beyond L3, oneDNN packed alternating in one run): 1.2-1.8x oneDNN at M = 2
+# and 4, 1.15-1.39x at 16, 1.02-1.14x at 64; prefill chunks of more rows stay on oneDNN.
+ROWS_LIMIT = 64
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
@@ -43,37 +48,47 @@ def linear_weight_bytes(model: nn.Module) -> int:
                if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16)
 
 
-def gemv_kernel(kernels, model: nn.Module):
-    """The one-row bf16 kernel (torch.ops.sagellm.gemv_bf16) for `model`'s linears, or None where
-    it cannot run or its weight copy would pass GEMV_COPY_LIMIT (said once in the log)."""
+def pack_rows_weight(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] -> [ceil(N/64), ceil(K/2), 64, 2], zero padded: gemm_rows_bf16's layout (for each
+    64-column block and each pair of k, the block's 64 columns' two values side by side)."""
+    n, k = w.shape
+    nb, kp = -(-n // 64), -(-k // 2)
+    p = w.new_zeros(nb * 64, kp * 2)
+    p[:n, :k] = w
+    return p.view(nb, 64, kp, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def rows_kernel(kernels, model: nn.Module):
+    """The few-rows bf16 kernel (torch.ops.sagellm.gemm_rows_bf16) for `model`'s linears, or None
+    where it cannot run or its weight copy would pass GEMV_COPY_LIMIT (said once in the log)."""
     from sagellm.model import cpu_kernels
 
     if kernels is None or not cpu_kernels.has_bf16_dot():
         return None
     size = linear_weight_bytes(model)
     if size > GEMV_COPY_LIMIT:
-        log.info("one-row bf16 kernel off: its row-major weight copy would add %.1f GB (limit %.1f GB); "
-                 "single-row steps use oneDNN", size / 1e9, GEMV_COPY_LIMIT / 1e9)
+        log.info("few-rows bf16 kernel off: its weight copy would add %.1f GB (limit %.1f GB); "
+                 "decode steps use oneDNN", size / 1e9, GEMV_COPY_LIMIT / 1e9)
         return None
-    return kernels.gemv_bf16
+    return kernels.gemm_rows_bf16
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_tile: int = 1, gemv=None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_tile: int = 1, rows=None):
         super().__init__()
         self.row_tile = row_tile  # > 1: rows padded to a multiple of it (batch invariance)
         self.out_features, self.in_features = weight.shape
         # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.bias = None if bias is None else bias.detach()
-        # One row's kernel and its row-major weight [out, in]; never with row_tile > 1: a row's
-        # result must not change with the number of rows (BATCH_INVARIANT).
-        self.gemv = gemv if row_tile == 1 else None
-        self.weight = weight.detach().contiguous() if self.gemv is not None else None
+        # The few-rows kernel and its packing of the weight (pack_rows_weight); not yet with
+        # row_tile > 1 (BATCH_INVARIANT pads rows for oneDNN, whose result depends on M).
+        self.rows = rows if row_tile == 1 else None
+        self.rows_weight = pack_rows_weight(weight.detach()) if self.rows is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and x.numel() == self.in_features:  # x [..., 1, in]: one row
-            y = self.gemv(x.contiguous(), self.weight)
+        if self.rows is not None and x.numel() <= ROWS_LIMIT * self.in_features:  # x [..., M, in], M <= 64
+            y = self.rows(x.contiguous(), self.rows_weight, self.out_features)
             return y if self.bias is None else y + self.bias
         if self.row_tile > 1 and x.dim() == 2:
             m = x.shape[0]
@@ -87,14 +102,14 @@ def available(dtype: torch.dtype) -> bool:
         torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def pack_linears(model: nn.Module, row_tile: int = 1, gemv=None) -> int:
-    """Swap every bf16 nn.Linear for a PackedLinear (one-row calls on `gemv`, see gemv_kernel);
-    returns how many were swapped."""
+def pack_linears(model: nn.Module, row_tile: int = 1, rows=None) -> int:
+    """Swap every bf16 nn.Linear for a PackedLinear (calls of up to ROWS_LIMIT rows on `rows`, see
+    rows_kernel); returns how many were swapped."""
     swaps = []
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child.weight, child.bias, row_tile, gemv))
+        setattr(parent, name, PackedLinear(child.weight, child.bias, row_tile, rows))
     return len(swaps)

@@ -47,11 +47,11 @@ class _PlainLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _Linear(weight: torch.Tensor, bias: torch.Tensor | None, row_tile: int = 1, gemv=None) -> nn.Module:
-    """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU (one row on `gemv`,
-    cpu_linear.gemv_kernel); row_tile > 1: rows padded to a multiple of it (batch invariance)."""
+def _Linear(weight: torch.Tensor, bias: torch.Tensor | None, row_tile: int = 1, rows=None) -> nn.Module:
+    """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU (up to 64 rows on `rows`,
+    cpu_linear.rows_kernel); row_tile > 1: rows padded to a multiple of it (batch invariance)."""
     if weight.device.type == "cpu" and cpu_linear.available(weight.dtype):
-        return cpu_linear.PackedLinear(weight, bias, row_tile, gemv)
+        return cpu_linear.PackedLinear(weight, bias, row_tile, rows)
     return _PlainLinear(weight, bias, row_tile)
 
 
@@ -59,7 +59,7 @@ def _detached(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
 
 
-def _fuse(*linears: nn.Linear, row_tile: int = 1, gemv=None) -> nn.Module:
+def _fuse(*linears: nn.Linear, row_tile: int = 1, rows=None) -> nn.Module:
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
     biases = [lin.bias for lin in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
@@ -67,7 +67,7 @@ def _fuse(*linears: nn.Linear, row_tile: int = 1, gemv=None) -> nn.Module:
          for b, lin in zip(biases, linears)])
     for lin in linears:  # the fused copy replaces them; free the originals
         lin.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
-    return _Linear(weight, bias, row_tile, gemv)
+    return _Linear(weight, bias, row_tile, rows)
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -83,15 +83,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, config, attention_arguments: dict, row_tile: int, gemv=None):
+    def __init__(self, layer: nn.Module, config, attention_arguments: dict, row_tile: int, rows=None):
         attn, mlp = layer.self_attn, layer.mlp
         self.head_dim = attn.head_dim
         self.q_size = config.num_attention_heads * self.head_dim
         self.kv_size = config.num_key_value_heads * self.head_dim
-        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj, row_tile=row_tile, gemv=gemv)
-        self.o = _Linear(*_detached(attn.o_proj), row_tile, gemv)
-        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj, row_tile=row_tile, gemv=gemv)
-        self.down = _Linear(*_detached(mlp.down_proj), row_tile, gemv)
+        self.qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj, row_tile=row_tile, rows=rows)
+        self.o = _Linear(*_detached(attn.o_proj), row_tile, rows)
+        self.gate_up = _fuse(mlp.gate_proj, mlp.up_proj, row_tile=row_tile, rows=rows)
+        self.down = _Linear(*_detached(mlp.down_proj), row_tile, rows)
         self.intermediate = mlp.down_proj.in_features
         self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.attn_module = SimpleNamespace(layer_idx=attn.layer_idx)
@@ -109,9 +109,9 @@ class FastDecoder:
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         row_tile = 8 if batch_invariant else 1
-        gemv = cpu_linear.gemv_kernel(kernels, model)
-        self.lm_head = _Linear(*_detached(model.lm_head), row_tile, gemv)
-        self.layers = [_Layer(layer, model.config, args, row_tile, gemv)
+        rows = cpu_linear.rows_kernel(kernels, model)
+        self.lm_head = _Linear(*_detached(model.lm_head), row_tile, rows)
+        self.layers = [_Layer(layer, model.config, args, row_tile, rows)
                        for layer, args in zip(inner.layers, layer_attention, strict=True)]
         # Rotary cos/sin of positions 0 .. max_position_embeddings - 1, computed once: computed per
         # step, a position's angle goes through a vector lane or the scalar tail of cos/sin
