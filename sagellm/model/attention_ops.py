@@ -6,12 +6,10 @@ reference the kernels are tested against). Shapes per function.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from sagellm.model.attention import PrefillChunk, StepMetadata
+# StepMetadata and PrefillChunk in the annotations are sagellm.model.attention's, not imported:
+# that module imports this one (tests/unit/test_layers.py: no import circles).
 
 
 def prefill_window_mask(meta: StepMetadata, i: int, chunk: PrefillChunk, lo: int, window: int) -> torch.Tensor:
