@@ -83,7 +83,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     outputs = []
     flash = flash_fits(meta, query, k_cache, window, softcap, s_aux)
-    if meta.last_rows is not None and not flash:  # last_rows_only's chunks are the flash kernel's
+    # last_rows_only's chunks are the flash kernel's (none left where only decode rows are read).
+    if meta.last_rows is not None and meta.prefills and not flash:
         raise UnsupportedAttention("a step trimmed to its last rows outside the flash kernel's path")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     nd = meta.num_decode
