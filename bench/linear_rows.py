@@ -3,7 +3,9 @@ cpu_linear.PackedLinear calls) against sagellm's gemm_rows_bf16 (csrc/gemm_rows.
 in one process; prints medians per SmolLM2-135M shape and M. Each shape cycles through enough
 copies of its weight to pass L3 (64 MB), as a step's 30 layers do.
 
-Usage: flock -x /tmp/sagellm-cpu.lock .venv/bin/python bench/linear_rows.py [--m 2,4,8,16,32,64]
+Prefill sizes (BATCH_INVARIANT sends those to gemm_rows_bf16 too): --m 128,256,512 --shapes qkv,o,gate_up,down.
+
+Usage: flock -x /tmp/sagellm-cpu.lock .venv/bin/python bench/linear_rows.py [--m 2,4,8,16,32,64] [--shapes qkv,o]
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ def main() -> None:
     ap.add_argument("--m", default="2,4,8,16,32,64")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ops = cpu_kernels.load()
     onednn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w[1], None, "none", [], "")
     ours = lambda x, w: ops.gemm_rows_bf16(x, w[0], w[2])
-    print(f"{'shape':8} {'M':>3} {'oneDNN us':>10} {'rows us':>9} {'ratio':>6} {'GFLOP/s':>8}")
-    for name, (n, k) in SHAPES.items():
+    print(f"{'shape':8} {'M':>4} {'oneDNN us':>10} {'rows us':>9} {'ratio':>6} {'GFLOP/s':>8}")
+    for name in a.shapes.split(","):
+        n, k = SHAPES[name]
         copies = max(2, (64 << 20) // (n * k * 2))
         weights = []
         for _ in range(copies):
@@ -51,7 +55,7 @@ def main() -> None:
                 od.append(timed(onednn, weights, x))
                 us.append(timed(ours, weights, x))
             od_m, us_m = statistics.median(od), statistics.median(us)
-            print(f"{name:8} {m:3d} {od_m:10.1f} {us_m:9.1f} {od_m / us_m:6.2f} {2 * m * n * k / us_m / 1e3:8.1f}",
+            print(f"{name:8} {m:4d} {od_m:10.1f} {us_m:9.1f} {od_m / us_m:6.2f} {2 * m * n * k / us_m / 1e3:8.1f}",
                   flush=True)
 
 

@@ -8,7 +8,7 @@ long system prompt, and print our figures beside the peers' from the same run, a
     python bench/run.py --peers vllm,llamacpp  # same run, peers too (make bench-peers)
     python bench/run.py --peers vllm --modes sampled --concurrency 16 --extra none  # one cell
     python bench/run.py --peers vllm --modes none --extra long_prompt  # the long prompt's TTFT alone
-    python bench/run.py --peers sagellm-bi --modes greedy --extra none  # BATCH_INVARIANT's cost
+    python bench/run.py --peers sagellm-bi --modes greedy --extra long_prompt  # BATCH_INVARIANT's cost
     python bench/run.py --servers sagellm-vllm,vllm  # our layer on vLLM beside plain vLLM
 
 sagellm-vllm is our server with ENGINE=vllm; its ratio to plain vLLM in the same run is our API
@@ -193,7 +193,7 @@ def main() -> int:
                                                          cells.body(mode, name))
                     print(f"{name:9s} {mode:9s} c={c:<3d} {r['out_tok_per_s']:8.1f} tok/s  TTFT p50 "
                           f"{r['ttft_ms_p50']} ms  errors {r['errors']}", file=sys.stderr, flush=True)
-            if "long_prompt" in extra and name != "sagellm-bi":
+            if "long_prompt" in extra:  # sagellm-bi too: BATCH_INVARIANT's prefill cost
                 res["long_prompt"] = cells.long_prompt_ttft(
                     lambda text: run_cell(srv, 1, 1, 8, system_prompt=text, warmup=0), tokenizer)
                 print(f"{name:9s} long prompt TTFT {res['long_prompt']['ttft_ms']} ms", file=sys.stderr, flush=True)

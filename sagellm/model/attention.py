@@ -55,8 +55,8 @@ class StepMetadata:
     # Masks derived per sliding window, built by the first layer that needs them, reused by the rest.
     window_masks: dict = field(default_factory=dict)
     # BATCH_INVARIANT: every prefill chunk (its start a multiple of QUERY_BLOCK, sagellm.engine.scheduler)
-    # takes the blocked path over contiguous keys, so a query's arithmetic is the same however its
-    # prompt was split into chunks.
+    # takes one path, the flash kernel where it fits (flash_fits), else the blocked path over
+    # contiguous keys, so a query's arithmetic is the same however its prompt was split into chunks.
     batch_invariant: bool = False
     # last_rows_only: the queries are these first rows of the step (keep), the keys and values all.
     last_rows: int | None = None
@@ -83,7 +83,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
     outputs = []
     flash = flash_fits(meta, query, k_cache, window, softcap, s_aux)
-    if meta.last_rows is not None and not flash:  # last_rows_only's chunks are the flash kernel's
+    # last_rows_only's chunks are the flash kernel's (none left where only decode rows are read).
+    if meta.last_rows is not None and meta.prefills and not flash:
         raise UnsupportedAttention("a step trimmed to its last rows outside the flash kernel's path")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     nd = meta.num_decode
@@ -153,10 +154,12 @@ def last_rows_only(meta: StepMetadata, keep: list[int], query: torch.Tensor, lay
 def flash_fits(meta: StepMetadata, query: torch.Tensor, k_cache: torch.Tensor, window: int, softcap: float,
                s_aux) -> bool:
     """Whether prefill chunks take the flash_prefill_attention kernel: bf16 on a CPU with
-    AVX512-BF16, head_dim a multiple of 64, no window, softcap or sinks, and not BATCH_INVARIANT
-    (whose one prefill path is the blocked one). Measured on this project's Zen 4 machines: a
-    2,000-token prompt's attention 27 -> 19 ms a layer (docs/performance.md, "Prefill")."""
-    return (meta.kernels is not None and bool(meta.prefills) and not meta.batch_invariant and not window
+    AVX512-BF16, head_dim a multiple of 64, no window, softcap or sinks. Measured on this
+    project's Zen 4 machines: a 2,000-token prompt's attention 27 -> 19 ms a layer
+    (docs/performance.md, "Prefill"). BATCH_INVARIANT takes it too: it is every chunk's one path
+    there, and a query's result is the same however its prompt is split into chunks, or cut to its
+    last row (tests/engine/test_prefill_attention.py)."""
+    return (meta.kernels is not None and bool(meta.prefills) and not window
             and not softcap and s_aux is None and query.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
             and query.shape[-1] % 64 == 0 and query.device.type == "cpu" and cpu_kernels.has_bf16_dot())
 

@@ -10,7 +10,10 @@ where the CPU kernels are loaded and the CPU has AVX512-BF16 (csrc/gemm_rows.cpp
 ~13 us a call before any arithmetic, 121 calls a step on SmolLM2, and its M = 2..64 tiles reach
 less of the CPU (bench/linear_rows.py). That keeps a second copy of each weight in the kernel's
 layout beside the packed one (the linear weights twice in memory), for models whose copy stays
-under GEMV_COPY_LIMIT. A row's result there is the same whatever else is in the step (1..64 rows).
+under GEMV_COPY_LIMIT. A row's result there is the same whatever else is in the call, at any M.
+Under BATCH_INVARIANT (row_tile > 1) every call, prefill chunks too, goes to that kernel, which then
+holds the only copy of the weights: a row's result is the same alone, in any decode batch, and in
+any prefill chunk. Without the kernel that mode pads rows to 8 for oneDNN (pad_rows).
 """
 
 from __future__ import annotations
@@ -58,15 +61,16 @@ def pack_rows_weight(w: torch.Tensor) -> torch.Tensor:
     return p.view(nb, 64, kp, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def rows_kernel(kernels, model: nn.Module):
+def rows_kernel(kernels, model: nn.Module, sole: bool = False):
     """The few-rows bf16 kernel (torch.ops.sagellm.gemm_rows_bf16) for `model`'s linears, or None
-    where it cannot run or its weight copy would pass GEMV_COPY_LIMIT (said once in the log)."""
+    where it cannot run or its weight copy would pass GEMV_COPY_LIMIT (said once in the log).
+    sole: the kernel takes every call and keeps the only copy (BATCH_INVARIANT): no size limit."""
     from sagellm.model import cpu_kernels
 
     if kernels is None or not cpu_kernels.has_bf16_dot():
         return None
     size = linear_weight_bytes(model)
-    if size > GEMV_COPY_LIMIT:
+    if size > GEMV_COPY_LIMIT and not sole:
         log.info("few-rows bf16 kernel off: its weight copy would add %.1f GB (limit %.1f GB); "
                  "decode steps use oneDNN", size / 1e9, GEMV_COPY_LIMIT / 1e9)
         return None
@@ -76,19 +80,22 @@ def rows_kernel(kernels, model: nn.Module):
 class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, row_tile: int = 1, rows=None):
         super().__init__()
-        self.row_tile = row_tile  # > 1: rows padded to a multiple of it (batch invariance)
+        # > 1 (BATCH_INVARIANT): every call on `rows` whatever its M, or without it rows padded to
+        # a multiple of row_tile for oneDNN, whose row result depends on M otherwise (pad_rows).
+        self.row_tile = row_tile
         self.out_features, self.in_features = weight.shape
-        # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
         self.bias = None if bias is None else bias.detach()
-        # The few-rows kernel and its packing of the weight (pack_rows_weight); not yet with
-        # row_tile > 1 (BATCH_INVARIANT pads rows for oneDNN, whose result depends on M).
-        self.rows = rows if row_tile == 1 else None
-        self.rows_weight = pack_rows_weight(weight.detach()) if self.rows is not None else None
+        # The few-rows kernel and its packing of the weight (pack_rows_weight).
+        self.rows = rows
+        self.rows_weight = pack_rows_weight(weight.detach()) if rows is not None else None
+        self.rows_limit = ROWS_LIMIT if row_tile == 1 else None  # None: every call on `rows`
+        # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
+        self.packed = (None if rows is not None and self.rows_limit is None
+                       else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is not None and x.numel() <= ROWS_LIMIT * self.in_features:  # x [..., M, in], M <= 64
-            y = self.rows(x.contiguous(), self.rows_weight, self.out_features)
+        if self.rows is not None and (self.rows_limit is None or x.numel() <= self.rows_limit * self.in_features):
+            y = self.rows(x.contiguous(), self.rows_weight, self.out_features)  # x [..., M, in]
             return y if self.bias is None else y + self.bias
         if self.row_tile > 1 and x.dim() == 2:
             m = x.shape[0]

@@ -49,7 +49,8 @@ class _PlainLinear(nn.Module):
 
 def _Linear(weight: torch.Tensor, bias: torch.Tensor | None, row_tile: int = 1, rows=None) -> nn.Module:
     """y = x W^T + b, with oneDNN-packed weights for bf16 on CPU (up to 64 rows on `rows`,
-    cpu_linear.rows_kernel); row_tile > 1: rows padded to a multiple of it (batch invariance)."""
+    cpu_linear.rows_kernel); row_tile > 1 (batch invariance): every call on `rows`, or without it
+    rows padded to a multiple of row_tile."""
     if weight.device.type == "cpu" and cpu_linear.available(weight.dtype):
         return cpu_linear.PackedLinear(weight, bias, row_tile, rows)
     return _PlainLinear(weight, bias, row_tile)
@@ -105,11 +106,12 @@ class FastDecoder:
         RMSNorm, SwiGLU, and rotary embedding with the KV cache write; None: torch's operators.
         layer_attention: per layer, the attention arguments transformers' module passes
         (sagellm.model.probe.check). batch_invariant: every row computed the same whatever else is
-        in the step (matmul rows padded to 8, rotary angles from one table)."""
+        in the step (every matmul on gemm_rows_bf16, or rows padded to 8 without it; rotary angles
+        from one table)."""
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         row_tile = 8 if batch_invariant else 1
-        rows = cpu_linear.rows_kernel(kernels, model)
+        rows = cpu_linear.rows_kernel(kernels, model, sole=batch_invariant)
         self.lm_head = _Linear(*_detached(model.lm_head), row_tile, rows)
         self.layers = [_Layer(layer, model.config, args, row_tile, rows)
                        for layer, args in zip(inner.layers, layer_attention, strict=True)]
@@ -172,7 +174,7 @@ class FastDecoder:
         delta = None  # the MLP output still to be added to h (fused with the next norm)
         # Only the `keep` rows of the last layer's output are read (their logits): past its
         # attention, which every row's k/v went into, that layer runs on those rows alone. Each
-        # step below is row-wise; in BATCH_INVARIANT the linears' rows, padded to 8, are
+        # step below is row-wise; in BATCH_INVARIANT the linears' rows (gemm_rows_bf16) are
         # unchanged by it. With LoRA the adapters' row groups index all T rows: no trim.
         trim = self.trim_last_layer and lora is None and keep.shape[0] < t
         last = self.layers[-1]

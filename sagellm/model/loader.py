@@ -106,7 +106,8 @@ def load_weights(path: str, settings: Settings, device: str, tp_size: int = 1, l
         if fast_decoder.eligible(model):
             fast = fast_decoder.FastDecoder(model, kernels, layer_attention, settings.batch_invariant)
         elif device == "cpu" and cpu_linear.available(model.dtype):
-            cpu_linear.pack_linears(model, 8 if settings.batch_invariant else 1, cpu_linear.rows_kernel(kernels, model))
+            cpu_linear.pack_linears(model, 8 if settings.batch_invariant else 1,
+                                    cpu_linear.rows_kernel(kernels, model, sole=settings.batch_invariant))
     if settings.batch_invariant and (fast is None or kernels is None):
         # Checked (tests/engine/test_batch_invariance.py) only with the lean decoder and the CPU
         # kernels: elsewhere the rotary angles, the decode attention's padding or the all-reduce

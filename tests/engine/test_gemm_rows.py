@@ -1,6 +1,6 @@
 """The few-rows bf16 kernel (sagellm/model/csrc/gemm_rows.cpp) against float32 arithmetic, a row's
-result the same in any batch of 1..64 rows, and where PackedLinear (sagellm/model/cpu_linear.py)
-takes it: up to ROWS_LIMIT rows, never under BATCH_INVARIANT."""
+result the same in any batch of 1..512 rows, and where PackedLinear (sagellm/model/cpu_linear.py)
+takes it: up to ROWS_LIMIT rows, every call under BATCH_INVARIANT."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_packing_puts_each_pair_of_k_of_64_columns_side_by_side():
 # of 16, K odd or under 32, one column, rows not a multiple of the 6-row tile.
 @pytest.mark.parametrize("n,k,m", [(960, 576, 16), (576, 576, 2), (3072, 576, 64), (576, 1536, 5),
                                    (49152, 576, 8), (7, 576, 3), (1, 40, 13), (130, 77, 7), (70, 1, 6),
-                                   (5, 31, 1)])
+                                   (5, 31, 1), (960, 576, 300), (130, 77, 129)])
 def test_gemm_rows_equals_float32_product_rounded_once(ops, n, k, m):
     x, w = _case(m, n, k)
     expected = x.float() @ w.float().T  # the exact products, summed in float32
@@ -54,14 +54,16 @@ def test_gemm_rows_equals_float32_product_rounded_once(ops, n, k, m):
 
 @pytest.mark.parametrize("n,k", [(960, 576), (130, 77)])
 def test_a_rows_result_does_not_depend_on_its_batch(ops, n, k):
-    x, w = _case(64, n, k)
+    # Decode batches (1..65 rows) and prefill chunks (BATCH_INVARIANT sends them here too).
+    x, w = _case(512, n, k)
     p = cpu_linear.pack_rows_weight(w)
-    alone = torch.cat([ops.gemm_rows_bf16(x[i:i + 1], p, n) for i in range(64)])
-    for m in range(1, 65):
+    alone = torch.cat([ops.gemm_rows_bf16(x[i:i + 1], p, n) for i in range(512)])
+    for m in [*range(1, 66), 128, 300, 512]:
         assert torch.equal(ops.gemm_rows_bf16(x[:m], p, n), alone[:m]), m
-    others, _ = _case(64, n, k, seed=1)  # the same row among other neighbours, in another place
-    others[37] = x[5]
-    assert torch.equal(ops.gemm_rows_bf16(others, p, n)[37], alone[5])
+    others, _ = _case(300, n, k, seed=1)  # the same rows among other neighbours, in other places
+    others[37], others[299] = x[5], x[400]
+    got = ops.gemm_rows_bf16(others, p, n)
+    assert torch.equal(got[37], alone[5]) and torch.equal(got[299], alone[400])
 
 
 def test_gemm_rows_keeps_leading_dimensions(ops):
@@ -97,11 +99,22 @@ def test_packed_linear_takes_the_kernel_up_to_the_rows_limit(ops):
     assert torch.equal(lin(x), oned) and len(calls) == 5  # more rows (a prefill chunk): oneDNN
 
 
-def test_batch_invariant_linear_never_takes_the_kernel(ops):
-    # BATCH_INVARIANT pads rows to 8 for oneDNN; the kernel is not yet part of that mode.
-    _, w = _case(1, 48, 64)
-    lin = cpu_linear.PackedLinear(w, None, row_tile=8, rows=cpu_linear.rows_kernel(ops, _SMALL))
-    assert lin.rows is None and lin.rows_weight is None
+def test_batch_invariant_linear_takes_the_kernel_at_any_rows(ops):
+    # BATCH_INVARIANT: prefill chunks too, so that a prompt's rows come out the same whether it is
+    # prefilled alone or beside others; the kernel then holds the only copy of the weight.
+    x, w = _case(300, 48, 64)
+    bias = torch.randn(48).to(torch.bfloat16)
+    lin = cpu_linear.PackedLinear(w, bias, row_tile=8, rows=cpu_linear.rows_kernel(ops, _SMALL, sole=True))
+    calls = []
+    kernel = lin.rows
+    lin.rows = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
+    for m in (1, 65, 300):
+        assert torch.equal(lin(x[:m]), _rows(ops, x[:m], w) + bias)
+    assert calls == [1, 65, 300] and lin.packed is None
+    # Without the kernel: oneDNN on rows padded to a multiple of 8.
+    pad = cpu_linear.PackedLinear(w, bias, row_tile=8)
+    oned = torch.ops.mkldnn._linear_pointwise(cpu_linear.pad_rows(x[:5], 8), pad.packed, bias, "none", [], "")
+    assert torch.equal(pad(x[:5]), oned[:5])
 
 
 def test_loaded_bf16_model_decodes_on_the_kernel(loaded_model):
@@ -112,7 +125,8 @@ def test_loaded_bf16_model_decodes_on_the_kernel(loaded_model):
     linears = [model.fast.lm_head, *(l.qkv for l in model.fast.layers), *(l.down for l in model.fast.layers)]
     assert all(isinstance(m, cpu_linear.PackedLinear) and m.rows is not None for m in linears)
     bi = load_weights(loaded_model.source.path, Settings(dtype="bfloat16", batch_invariant=True), "cpu")
-    assert bi.fast.lm_head.rows is None
+    linears = [bi.fast.lm_head, *(l.qkv for l in bi.fast.layers), *(l.down for l in bi.fast.layers)]
+    assert all(m.rows is not None and m.rows_limit is None and m.packed is None for m in linears)
 
 
 def test_kernel_off_where_its_weight_copy_passes_the_limit(ops, monkeypatch, caplog):
@@ -125,3 +139,5 @@ def test_kernel_off_where_its_weight_copy_passes_the_limit(ops, monkeypatch, cap
     with caplog.at_level("INFO", logger="sagellm.model.cpu_linear"):
         assert cpu_linear.rows_kernel(ops, _SMALL) is None
     assert "few-rows bf16 kernel off" in caplog.text
+    # BATCH_INVARIANT keeps no second copy: no limit.
+    assert cpu_linear.rows_kernel(ops, _SMALL, sole=True) is not None

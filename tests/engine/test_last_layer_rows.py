@@ -123,3 +123,17 @@ def test_last_layer_attention_for_the_read_rows_only(bf16, loaded_model, chat_id
     for (tokens, logprobs, prompt), (tokens0, logprobs0, prompt0) in zip(trimmed, whole):
         assert tokens == tokens0 and len(tokens) == 12
         assert logprobs == pytest.approx(logprobs0, abs=0.02) and prompt == pytest.approx(prompt0, abs=0.02)
+
+
+def test_a_step_that_reads_only_decode_rows_beside_a_prompts_middle_chunk(bf16, loaded_model, chat_ids):
+    """A long prompt's middle chunks (no row read) beside running decodes: the trimmed last layer
+    has no prefill chunk left, only the decode rows (this step used to fail: UnsupportedAttention)."""
+    ids = [chat_ids("Hi!"), chat_ids(QUESTIONS[0] * 3)]  # the second: 4+ chunks of the 64-token budget
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True) for _ in ids]
+    trimmed = [[e.token_id for e in events] for events in run(bf16, loaded_model, ids, params)]
+    bf16.fast.trim_last_layer = False
+    try:
+        whole = [[e.token_id for e in events] for events in run(bf16, loaded_model, ids, params)]
+    finally:
+        bf16.fast.trim_last_layer = True
+    assert len(ids[1]) > 3 * 64 and all(len(t) == 12 for t in trimmed) and trimmed == whole

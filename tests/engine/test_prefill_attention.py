@@ -69,6 +69,25 @@ def test_flash_prefill_reads_the_paged_cache_through_slots(ops):
                                atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128)])
+def test_a_querys_result_does_not_depend_on_the_chunks_of_its_prompt(ops, heads, kv_heads, head_dim):
+    # BATCH_INVARIANT takes this kernel for every prefill chunk (chunks start at multiples of 64) and
+    # for a chunk's last row alone (the trimmed last layer): the same bits each way.
+    g = torch.Generator().manual_seed(3)
+    t = 300
+    q = torch.randn(t, heads, head_dim, generator=g).bfloat16()
+    k, v = (torch.randn(kv_heads, t, head_dim, generator=g).bfloat16() for _ in range(2))
+    whole = ops.flash_prefill_attention(q, k, v, 0, 0.125)
+    slots = torch.arange(t)
+    for c0 in (64, 128, 256):
+        first = ops.flash_prefill_attention(q[:c0].contiguous(), k[:, :c0].contiguous(), v[:, :c0].contiguous(), 0, 0.125)
+        rest = ops.flash_prefill_attention(q[c0:].contiguous(), k, v, c0, 0.125, slots)
+        assert torch.equal(torch.cat([first, rest]), whole), c0
+    for i in (1, 31, 32, 63, 64, 100, 299):
+        assert torch.equal(ops.flash_prefill_attention(q[i:i + 1].contiguous(), k, v, i, 0.125, slots[:i + 1])[0],
+                           whole[i]), i
+
+
 def test_flash_prefill_refuses_what_it_does_not_take(ops):
     q, k = torch.randn(4, 9, 64), torch.randn(3, 4, 64)
     with pytest.raises(RuntimeError, match="bfloat16 only"):
@@ -79,7 +98,7 @@ def test_flash_prefill_refuses_what_it_does_not_take(ops):
 
 
 @pytest.mark.parametrize("case,expected", [
-    ("bf16", True), ("float32", False), ("batch_invariant", False), ("window", False), ("softcap", False),
+    ("bf16", True), ("float32", False), ("batch_invariant", True), ("window", False), ("softcap", False),
     ("sinks", False), ("no kernels", False)])
 def test_flash_taken_only_where_it_computes_the_same_thing(ops, case, expected):
     dtype = torch.float32 if case == "float32" else torch.bfloat16

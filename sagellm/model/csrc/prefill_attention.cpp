@@ -17,8 +17,9 @@
 //
 // Arithmetic: q.k in fp32 from bf16 inputs, softmax in fp32, the probabilities rounded to bf16
 // for the p.v product (as the blocked path rounds them) and summed as rounded, the output divided
-// by the sum in fp32 and rounded once to bf16. Not bitwise the blocked path's; BATCH_INVARIANT
-// keeps that path.
+// by the sum in fp32 and rounded once to bf16. Not bitwise the blocked path's. Each query row's
+// sums run over the keys' absolute 64-key blocks in order, alone in its lanes: its result is the
+// same however the prompt is split into chunks (BATCH_INVARIANT takes this path too).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
