@@ -247,8 +247,9 @@ VARS: list[Var] = [
         "On CPU, sagellm's fused AVX-512 kernels (built once with g++) for attention, RMSNorm, SwiGLU, "
         "rotary embedding and greedy picks; false: torch operators only"),
     Var("batch_invariant", ("BATCH_INVARIANT",), "bool", ev.boolean,
-        "Greedy output bitwise the same whether a request runs alone or in any batch: matmuls on "
-        "8-row tiles, prompt chunks on 64-token boundaries, one prefill attention path (CPU kernels)"),
+        "Greedy output bitwise the same whether a request runs alone or in any batch: every matmul on "
+        "sagellm's row-invariant bf16 kernel (else oneDNN on 8-row tiles), prompt chunks on 64-token "
+        "boundaries, one prefill attention path (CPU kernels)"),
     Var("max_concurrent_requests", ("MAX_CONCURRENT_REQUESTS",), "int >= 1", ev.positive_int,
         "Requests in flight before new ones get 429"),
     Var("max_stop_sequences", ("MAX_STOP_SEQUENCES",), "int >= 0", ev.non_negative_int,
