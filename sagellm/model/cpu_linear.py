@@ -88,10 +88,14 @@ class PackedLinear(nn.Module):
         # The few-rows kernel and its packing of the weight (pack_rows_weight).
         self.rows = rows
         self.rows_weight = pack_rows_weight(weight.detach()) if rows is not None else None
-        self.rows_limit = ROWS_LIMIT if row_tile == 1 else None  # None: every call on `rows`
         # The batch-size hint only tunes the layout; measured speed is the same for 1..300 rows.
         self.packed = (None if rows is not None and self.rows_limit is None
                        else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+
+    @property
+    def rows_limit(self) -> int | None:
+        """The most rows a call sends to `rows`; None (BATCH_INVARIANT): every call."""
+        return ROWS_LIMIT if self.row_tile == 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None and (self.rows_limit is None or x.numel() <= self.rows_limit * self.in_features):
